@@ -49,9 +49,6 @@ class Session:
         }
 
 
-EMPTY_METADATA: dict[str, Any] = {"accumulated_token_ids": [], "num_assistant": 0}
-
-
 def empty_snapshot(session_id: str) -> dict[str, Any]:
     """The answer for a never-seen id: empty, and nothing is created."""
-    return {"session_id": session_id, "records": [], "metadata": dict(EMPTY_METADATA)}
+    return {"session_id": session_id, "records": [], "metadata": {}}

@@ -1,0 +1,40 @@
+"""The session registry: Python face of the Cython core (``_registry``).
+
+The core is a sharded open-addressing table keyed by 128-bit ids, a ring
+buffer tombstone of fixed capacity, and a per-shard LRU list for idle TTL.
+
+API (all methods are thread-safe; ids are ``str``):
+
+``Registry(shards=64, tombstone_capacity=1 << 20, retry_window=60.0, ttl=7200.0,
+manual_clock=False)``
+
+- ``mint(obj) -> str``: register ``obj`` under a new 32-hex id this process
+  recognises as its own.
+- ``create(sid, obj) -> int``: ``CREATED``, ``LIVE`` (conflict, nothing
+  changed) or ``DELETED`` (refused, nothing changed).
+- ``lookup(sid) -> obj | DELETED | NEVER_SEEN``: refreshes the idle clock of a
+  live session. Never creates.
+- ``get_or_create(sid, factory) -> obj | DELETED``: auto-creates a never-seen
+  id with ``factory()`` (called without any lock held).
+- ``remove(sid, expected=None) -> obj | None``: removes a live id (only if it
+  maps to ``expected`` when given) and tombstones it; ``None`` otherwise.
+- ``expire(budget=1024) -> int``: evict up to ``budget`` idle sessions.
+- ``stats() -> dict``: live, tombstones, capacity, horizon_s,
+  young_overwrites, ttl_evictions, auto_creates, deleted_refusals, minted,
+  created_by_id, deletes.
+- ``is_self_minted(sid) -> bool``; ``advance(seconds)`` (manual clock only).
+
+Invalid ids (empty, over 128 characters, characters outside
+``[A-Za-z0-9._~:-]``) raise ``ValueError`` with a message fit for a client.
+"""
+
+from rollout_sessions._registry import (
+    CREATED,
+    DELETED,
+    LIVE,
+    NEVER_SEEN,
+    Registry,
+    validate_id,
+)
+
+__all__ = ["CREATED", "DELETED", "LIVE", "NEVER_SEEN", "Registry", "validate_id"]
