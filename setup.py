@@ -15,7 +15,7 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["csrc"],
+        include_path=["src", "csrc"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 )

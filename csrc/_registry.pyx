@@ -1,0 +1,529 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Sharded session registry: the Cython face of the C core in rs_*.h.
+
+Locking protocol (why it cannot deadlock): a shard lock is only ever
+*acquired* with the GIL released, and a thread holding a shard lock may then
+take back the GIL (to incref the object it found) before unlocking. So the
+order is always shard lock -> GIL -> (tombstone lock is taken only without
+the GIL, after the shard lock). Nobody waits for a shard lock while holding
+the GIL, and nobody runs Python code (decref can) while holding a shard lock.
+"""
+
+import os
+
+from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
+    void *PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
+    object PyUnicode_New(Py_ssize_t size, Py_UCS4 maxchar)
+
+
+# At most this many idle sessions are evicted per ordinary operation (on the
+# shard it touches) and per lock hold in expire(): bounded work per call.
+cdef enum:
+    EVICT_PER_OP = 2
+    EVICT_CHUNK = 64
+
+ALLOWED_ID_CHARS = "[A-Za-z0-9._~:-]"
+
+
+class Outcome:
+    """A named result of a registry operation, compared with ``is``."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+    def __reduce__(self):
+        return self.name
+
+
+CREATED = Outcome("CREATED")
+LIVE = Outcome("LIVE")
+DELETED = Outcome("DELETED")
+NEVER_SEEN = Outcome("NEVER_SEEN")
+
+
+cdef str _invalid_reason(int code, object sid, size_t bad_at):
+    if code == RS_ID_EMPTY:
+        return "invalid session id: empty"
+    if code == RS_ID_TOO_LONG:
+        return f"invalid session id: {len(sid)} characters, at most {RS_MAX_ID_LEN} allowed"
+    return (
+        f"invalid session id: character {sid[bad_at]!r} at position {bad_at}"
+        f" is not in {ALLOWED_ID_CHARS}"
+    )
+
+
+cdef int _check_id(object sid) except -1:
+    """Raises ValueError unless ``sid`` is a valid id; the one place ids are judged."""
+    cdef size_t bad_at = 0
+    cdef int code
+    cdef Py_ssize_t i
+    if not isinstance(sid, str):
+        raise ValueError(f"invalid session id: expected a string, got {type(sid).__name__}")
+    if not PyUnicode_IS_ASCII(sid):
+        if len(sid) > RS_MAX_ID_LEN:
+            raise ValueError(_invalid_reason(RS_ID_TOO_LONG, sid, 0))
+        for i in range(len(sid)):
+            if ord(sid[i]) > 127:
+                raise ValueError(_invalid_reason(RS_ID_BAD_CHAR, sid, i))
+    code = rs_validate(<const uint8_t *>PyUnicode_DATA(sid), PyUnicode_GET_LENGTH(sid), &bad_at)
+    if code != RS_ID_OK:
+        raise ValueError(_invalid_reason(code, sid, bad_at))
+    return 0
+
+
+def validate_id(sid):
+    """Raises ValueError with a client-fit message unless ``sid`` is a valid id."""
+    _check_id(sid)
+
+
+def siphash24(bytes data, bytes key):
+    """SipHash-2-4 of ``data`` under a 16-byte ``key`` (exposed for tests)."""
+    if len(key) != 16:
+        raise ValueError("key must be 16 bytes")
+    cdef uint64_t k0 = int.from_bytes(key[:8], "little")
+    cdef uint64_t k1 = int.from_bytes(key[8:], "little")
+    return rs_siphash24(<const uint8_t *>(<char *>data), len(data), k0, k1)
+
+
+cdef inline void _release(void **dead, int n):
+    """Drops the table's references to evicted objects; GIL held, no lock held."""
+    cdef int i
+    for i in range(n):
+        Py_DECREF(<object>dead[i])
+
+
+cdef inline int _evict_expired(rs_shard *sh, double now, double ttl, void **dead, int budget) noexcept nogil:
+    """Pops up to ``budget`` idle sessions off the shard's LRU head. Shard lock held."""
+    cdef int n = 0
+    cdef int64_t slot
+    while n < budget:
+        slot = rs_table_expired_head(&sh.table, now, ttl)
+        if slot < 0:
+            break
+        dead[n] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+        n += 1
+    sh.ttl_evictions += n
+    return n
+
+
+cdef inline int64_t _find_live(rs_shard *sh, const rs_id *rid, double now, double ttl,
+                               void **dead, int *ndead) noexcept nogil:
+    """Index slot of a live entry, or -1. An entry found idle past the TTL is
+    evicted on the spot, so expiry never depends on when eviction runs."""
+    cdef int64_t slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
+    if slot < 0:
+        return -1
+    if rs_table_expired(&sh.table, sh.table.index[slot], now, ttl):
+        dead[ndead[0]] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+        ndead[0] += 1
+        sh.ttl_evictions += 1
+        return -1
+    return slot
+
+
+cdef class Registry:
+    """Thread-safe map of session id -> session object with sticky deletes.
+
+    See ``rollout_sessions.registry`` for the API.
+    """
+
+    def __cinit__(self, int shards=64, long long tombstone_capacity=1 << 20,
+                  double retry_window=60.0, double ttl=7200.0, bint manual_clock=False):
+        cdef uint32_t i
+        if shards < 1 or shards > 65536:
+            raise ValueError("shards must be between 1 and 65536")
+        if tombstone_capacity < 1 or tombstone_capacity > 0x7FFFFFFF:
+            raise ValueError("tombstone_capacity must be between 1 and 2**31 - 1")
+        if not retry_window >= 0:
+            raise ValueError("retry_window must be >= 0")
+        if not ttl > 0:
+            raise ValueError("ttl must be > 0")
+        words = [int.from_bytes(os.urandom(8), "little") for _ in range(9)]
+        self._sec.mint_k0, self._sec.mint_k1 = words[0], words[1]
+        self._sec.name_k0, self._sec.name_k1 = words[2], words[3]
+        self._sec.name_k2, self._sec.name_k3 = words[4], words[5]
+        self._sec.slot_k0, self._sec.slot_k1 = words[6], words[7]
+        self._sec.mint_base = words[8]
+        self._mint_counter = 0
+        self._ttl = ttl
+        self._retry_window = retry_window
+        self._manual_clock = manual_clock
+        self._manual_now = 0.0
+        self._expire_cursor = 0
+        self._nshards = shards
+        self._shards = <rs_shard *>calloc(shards, sizeof(rs_shard))
+        if self._shards == NULL:
+            raise MemoryError()
+        for i in range(self._nshards):
+            pthread_mutex_init(&self._shards[i].lock, NULL)
+            if rs_table_init(&self._shards[i].table, &self._sec) < 0:
+                raise MemoryError()
+        if rs_tomb_init(&self._tomb, <uint32_t>tombstone_capacity, &self._sec) < 0:
+            raise MemoryError()
+        pthread_mutex_init(&self._tomb_lock, NULL)
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        cdef int32_t e
+        cdef rs_table *t
+        if self._shards == NULL:
+            return
+        for i in range(self._nshards):
+            t = &self._shards[i].table
+            if t.entries != NULL:
+                # Live entries are exactly those on the LRU list; each holds a reference.
+                e = t.lru_head
+                while e != RS_NIL:
+                    Py_DECREF(<object>t.entries[e].obj)
+                    e = t.entries[e].next
+            rs_table_free(t)
+            pthread_mutex_destroy(&self._shards[i].lock)
+        free(self._shards)
+        self._shards = NULL
+        rs_tomb_free(&self._tomb)
+        pthread_mutex_destroy(&self._tomb_lock)
+
+    # -- internals -------------------------------------------------------
+
+    cdef int _parse(self, object sid, rs_id *out) except -1:
+        _check_id(sid)
+        cdef const uint8_t *data = <const uint8_t *>PyUnicode_DATA(sid)
+        cdef Py_ssize_t n = PyUnicode_GET_LENGTH(sid)
+        out.hexid = rs_parse_hex128(data, n, &out.key)
+        if not out.hexid:
+            out.key = rs_key_of_name(&self._sec, data, n)
+        out.hash = rs_slot_hash(&self._sec, out.key)
+        out.shard = <uint32_t>((out.hash >> 32) % self._nshards)
+        return 0
+
+    cdef double _now(self) noexcept nogil:
+        cdef timespec ts
+        if self._manual_clock:
+            return self._manual_now
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return ts.tv_sec + ts.tv_nsec * 1e-9
+
+    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil:
+        """For an id that is not live. Caller holds the id's shard lock."""
+        cdef bint found
+        if rid.hexid and rs_is_self_minted(&self._sec, rid.key, rs_counter_load(&self._mint_counter)):
+            return True  # ours and not live: deleted or expired, no ring needed
+        pthread_mutex_lock(&self._tomb_lock)
+        found = rs_tomb_contains(&self._tomb, rid.key)
+        pthread_mutex_unlock(&self._tomb_lock)
+        return found
+
+    # -- operations ------------------------------------------------------
+
+    def mint(self, obj):
+        """Registers ``obj`` under a new self-recognising 32-hex id; returns the id."""
+        cdef uint64_t counter = rs_counter_next(&self._mint_counter)
+        cdef rs_key key = rs_minted_key(&self._sec, counter)
+        cdef uint64_t h = rs_slot_hash(&self._sec, key)
+        cdef rs_shard *sh = &self._shards[(h >> 32) % self._nshards]
+        cdef int32_t e
+        cdef void *dead[EVICT_PER_OP]
+        cdef int ndead
+        cdef double now
+        sid = PyUnicode_New(32, 127)
+        rs_format_hex128(key, <uint8_t *>PyUnicode_DATA(sid))
+        Py_INCREF(obj)
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            now = self._now()
+            ndead = _evict_expired(sh, now, self._ttl, dead, EVICT_PER_OP)
+            e = rs_table_insert(&sh.table, key, <PyObject *>obj, now)
+            if e != RS_NIL:
+                sh.minted += 1
+            pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        if e == RS_NIL:
+            Py_DECREF(obj)
+            raise MemoryError("session table could not grow")
+        return sid
+
+    def create(self, sid, obj):
+        """Registers ``obj`` under ``sid``: CREATED, or LIVE / DELETED and nothing changed."""
+        cdef rs_id rid
+        cdef rs_shard *sh
+        cdef void *dead[EVICT_PER_OP + 1]
+        cdef int ndead = 0
+        cdef int64_t slot
+        cdef int32_t e = 0
+        cdef int outcome  # 0 created, 1 live, 2 deleted, 3 out of memory
+        cdef double now
+        self._parse(sid, &rid)
+        sh = &self._shards[rid.shard]
+        Py_INCREF(obj)
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            now = self._now()
+            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            if slot >= 0:
+                outcome = 1
+            elif self._is_deleted(&rid):
+                outcome = 2
+                sh.deleted_refusals += 1
+            else:
+                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, now)
+                outcome = 3 if e == RS_NIL else 0
+                if outcome == 0:
+                    sh.created_by_id += 1
+            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+            pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        if outcome != 0:
+            Py_DECREF(obj)
+        if outcome == 3:
+            raise MemoryError("session table could not grow")
+        return CREATED if outcome == 0 else (LIVE if outcome == 1 else DELETED)
+
+    def lookup(self, sid):
+        """The live object (its idle clock refreshed), or DELETED, or NEVER_SEEN."""
+        cdef rs_id rid
+        cdef rs_shard *sh
+        cdef void *dead[EVICT_PER_OP + 1]
+        cdef int ndead = 0
+        cdef int64_t slot
+        cdef int32_t e
+        cdef PyObject *found = NULL
+        cdef bint deleted = False
+        cdef double now
+        self._parse(sid, &rid)
+        sh = &self._shards[rid.shard]
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            now = self._now()
+            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            if slot >= 0:
+                e = sh.table.index[slot]
+                rs_table_touch(&sh.table, e, now)
+                found = <PyObject *>sh.table.entries[e].obj
+            else:
+                deleted = self._is_deleted(&rid)
+                if deleted:
+                    sh.deleted_refusals += 1
+            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+        # GIL back, shard lock still held: the object cannot be freed under us.
+        if found != NULL:
+            result = <object>found
+        else:
+            result = DELETED if deleted else NEVER_SEEN
+        pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        return result
+
+    def get_or_create(self, sid, factory):
+        """The live object, or a new ``factory()`` for a never-seen id, or DELETED."""
+        cdef rs_id rid
+        cdef rs_shard *sh
+        cdef void *dead[EVICT_PER_OP + 1]
+        cdef int ndead = 0
+        cdef int64_t slot
+        cdef int32_t e = 0
+        cdef double now
+        cdef PyObject *found = NULL
+        cdef int outcome  # 0 created, 1 live (raced), 2 deleted (raced), 3 out of memory
+        result = self.lookup(sid)
+        if result is not NEVER_SEEN:
+            return result
+        obj = factory()  # no lock held: the factory may do anything
+        self._parse(sid, &rid)
+        sh = &self._shards[rid.shard]
+        Py_INCREF(obj)
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            now = self._now()
+            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            if slot >= 0:
+                e = sh.table.index[slot]
+                rs_table_touch(&sh.table, e, now)
+                found = <PyObject *>sh.table.entries[e].obj
+                outcome = 1
+            elif self._is_deleted(&rid):
+                outcome = 2
+                sh.deleted_refusals += 1
+            else:
+                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, now)
+                outcome = 3 if e == RS_NIL else 0
+                if outcome == 0:
+                    sh.auto_creates += 1
+            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+        if outcome == 1:
+            result = <object>found
+        pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        if outcome != 0:
+            Py_DECREF(obj)
+        if outcome == 0:
+            return obj
+        if outcome == 1:
+            return result
+        if outcome == 2:
+            return DELETED
+        raise MemoryError("session table could not grow")
+
+    def remove(self, sid, expected=None):
+        """Removes a live id and tombstones it; returns its object, or None if not live
+        (or, with ``expected``, if the id maps to another object)."""
+        cdef rs_id rid
+        cdef rs_shard *sh
+        cdef void *dead[EVICT_PER_OP + 1]
+        cdef int ndead = 0
+        cdef int64_t slot
+        cdef void *removed = NULL
+        cdef PyObject *want = NULL if expected is None else <PyObject *>expected
+        cdef double now
+        self._parse(sid, &rid)
+        sh = &self._shards[rid.shard]
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            now = self._now()
+            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            if slot >= 0 and (want == NULL or sh.table.entries[sh.table.index[slot]].obj == want):
+                removed = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+                sh.deletes += 1
+                # Our own ids are recognised without the ring; only foreign ones need it.
+                if not (rid.hexid and rs_is_self_minted(&self._sec, rid.key,
+                                                        rs_counter_load(&self._mint_counter))):
+                    pthread_mutex_lock(&self._tomb_lock)
+                    rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
+                    pthread_mutex_unlock(&self._tomb_lock)
+            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+            pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        if removed == NULL:
+            return None
+        result = <object>removed
+        Py_DECREF(result)  # hand the table's reference over to the caller
+        return result
+
+    def expire(self, Py_ssize_t budget=1024):
+        """Evicts up to ``budget`` sessions idle longer than the TTL; returns how many.
+        Work is bounded by ``budget`` plus one visit per shard."""
+        cdef Py_ssize_t total = 0
+        cdef uint32_t visited = 0
+        cdef rs_shard *sh
+        cdef void *dead[EVICT_CHUNK]
+        cdef int n, want
+        while total < budget and visited < self._nshards:
+            sh = &self._shards[self._expire_cursor]
+            want = <int>min(<Py_ssize_t>EVICT_CHUNK, budget - total)
+            with nogil:
+                pthread_mutex_lock(&sh.lock)
+                n = _evict_expired(sh, self._now(), self._ttl, dead, want)
+                pthread_mutex_unlock(&sh.lock)
+            _release(dead, n)
+            total += n
+            if n < want:  # this shard is clean for now: move on
+                self._expire_cursor = (self._expire_cursor + 1) % self._nshards
+                visited += 1
+        return total
+
+    # -- introspection ---------------------------------------------------
+
+    def is_self_minted(self, sid):
+        """True if ``sid`` is an id this registry minted (live or not)."""
+        cdef rs_id rid
+        self._parse(sid, &rid)
+        return bool(rid.hexid and rs_is_self_minted(&self._sec, rid.key,
+                                                    rs_counter_load(&self._mint_counter)))
+
+    def __len__(self):
+        cdef uint64_t live = 0
+        cdef uint32_t i
+        for i in range(self._nshards):
+            with nogil:
+                pthread_mutex_lock(&self._shards[i].lock)
+                live += self._shards[i].table.live
+                pthread_mutex_unlock(&self._shards[i].lock)
+        return live
+
+    def stats(self):
+        """Counters and gauges, summed over shards."""
+        cdef uint64_t live = 0, by_id = 0, auto = 0, minted = 0, deletes = 0
+        cdef uint64_t refusals = 0, evictions = 0
+        cdef size_t table_bytes = 0
+        cdef uint32_t i
+        cdef rs_shard *sh
+        cdef double horizon
+        cdef uint64_t held, overwritten, young
+        for i in range(self._nshards):
+            sh = &self._shards[i]
+            with nogil:
+                pthread_mutex_lock(&sh.lock)
+                live += sh.table.live
+                by_id += sh.created_by_id
+                auto += sh.auto_creates
+                minted += sh.minted
+                deletes += sh.deletes
+                refusals += sh.deleted_refusals
+                evictions += sh.ttl_evictions
+                table_bytes += rs_table_bytes(&sh.table)
+                pthread_mutex_unlock(&sh.lock)
+        with nogil:
+            pthread_mutex_lock(&self._tomb_lock)
+            held = self._tomb.count
+            overwritten = self._tomb.overwritten
+            young = self._tomb.young_overwrites
+            horizon = rs_tomb_horizon(&self._tomb, self._now())
+            pthread_mutex_unlock(&self._tomb_lock)
+        return {
+            "live": live,
+            "tombstones": held,
+            "capacity": self._tomb.cap,
+            "horizon_s": horizon,
+            "overwritten": overwritten,
+            "young_overwrites": young,
+            "ttl_evictions": evictions,
+            "auto_creates": auto,
+            "deleted_refusals": refusals,
+            "minted": minted,
+            "created_by_id": by_id,
+            "deletes": deletes,
+            "table_bytes": table_bytes,
+            "tombstone_bytes": rs_tomb_bytes(&self._tomb),
+        }
+
+    @property
+    def shards(self):
+        return self._nshards
+
+    @property
+    def tombstone_capacity(self):
+        return self._tomb.cap
+
+    @property
+    def ttl(self):
+        return self._ttl
+
+    @property
+    def retry_window(self):
+        return self._retry_window
+
+    # -- clock (tests and simulations) -----------------------------------
+
+    def now(self):
+        """The registry clock, in seconds."""
+        return self._now()
+
+    def advance(self, double seconds):
+        """Moves a manual clock forward."""
+        if not self._manual_clock:
+            raise RuntimeError("advance() needs Registry(manual_clock=True)")
+        if not seconds >= 0:
+            raise ValueError("the clock only moves forward")
+        self._manual_now += seconds

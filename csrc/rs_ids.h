@@ -1,0 +1,177 @@
+/* Session ids: validation, 128-bit keys, keyed hashing, self-recognising mints.
+ *
+ * Every id becomes a 128-bit key. A 32-lowercase-hex id is parsed exactly
+ * (all 128 bits kept); any other valid id is hashed with two keyed SipHash-2-4
+ * runs. Minted ids are `payload || tag` where tag = SipHash(payload) under a
+ * per-process key, so this process recognises its own ids without storing
+ * them, and a restart (new key) makes old ids foreign.
+ *
+ * Pure C, no Python API: everything here may run without the GIL.
+ */
+#ifndef RS_IDS_H
+#define RS_IDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define RS_MAX_ID_LEN 128
+#define RS_HEX_ID_LEN 32
+
+typedef struct {
+    uint64_t hi;
+    uint64_t lo;
+} rs_key;
+
+/* Outcome of rs_validate: 0 is valid, the others name the reason. */
+enum { RS_ID_OK = 0, RS_ID_EMPTY = 1, RS_ID_TOO_LONG = 2, RS_ID_BAD_CHAR = 3 };
+
+static inline uint64_t rs_rotl(uint64_t x, int b) { return (x << b) | (x >> (64 - b)); }
+
+static inline uint64_t rs_load_le64(const uint8_t *p) {
+    return (uint64_t)p[0] | ((uint64_t)p[1] << 8) | ((uint64_t)p[2] << 16) |
+           ((uint64_t)p[3] << 24) | ((uint64_t)p[4] << 32) | ((uint64_t)p[5] << 40) |
+           ((uint64_t)p[6] << 48) | ((uint64_t)p[7] << 56);
+}
+
+#define RS_SIPROUND                                                                  \
+    do {                                                                             \
+        v0 += v1; v1 = rs_rotl(v1, 13); v1 ^= v0; v0 = rs_rotl(v0, 32);              \
+        v2 += v3; v3 = rs_rotl(v3, 16); v3 ^= v2;                                    \
+        v0 += v3; v3 = rs_rotl(v3, 21); v3 ^= v0;                                    \
+        v2 += v1; v1 = rs_rotl(v1, 17); v1 ^= v2; v2 = rs_rotl(v2, 32);              \
+    } while (0)
+
+/* SipHash-2-4 with 64-bit output (Aumasson & Bernstein, 2012). */
+static inline uint64_t rs_siphash24(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1) {
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k0;
+    uint64_t v1 = 0x646f72616e646f6dULL ^ k1;
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k0;
+    uint64_t v3 = 0x7465646279746573ULL ^ k1;
+    uint64_t last = ((uint64_t)len) << 56;
+    size_t whole = len - (len & 7);
+    for (size_t i = 0; i < whole; i += 8) {
+        uint64_t m = rs_load_le64(in + i);
+        v3 ^= m;
+        RS_SIPROUND;
+        RS_SIPROUND;
+        v0 ^= m;
+    }
+    for (size_t i = 0; i < (len & 7); i++) last |= ((uint64_t)in[whole + i]) << (8 * i);
+    v3 ^= last;
+    RS_SIPROUND;
+    RS_SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xff;
+    RS_SIPROUND;
+    RS_SIPROUND;
+    RS_SIPROUND;
+    RS_SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static inline uint64_t rs_siphash_u64(uint64_t x, uint64_t k0, uint64_t k1) {
+    uint8_t buf[8];
+    for (int i = 0; i < 8; i++) buf[i] = (uint8_t)(x >> (8 * i));
+    return rs_siphash24(buf, 8, k0, k1);
+}
+
+/* Allowed id characters: [A-Za-z0-9._~:-] (an id is one path segment). */
+static inline int rs_id_char_ok(uint8_t c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '.' || c == '_' || c == '~' || c == ':' || c == '-';
+}
+
+/* Returns RS_ID_OK or the reason; *bad_at receives the offending index. */
+static inline int rs_validate(const uint8_t *s, size_t len, size_t *bad_at) {
+    if (len == 0) return RS_ID_EMPTY;
+    if (len > RS_MAX_ID_LEN) return RS_ID_TOO_LONG;
+    for (size_t i = 0; i < len; i++) {
+        if (!rs_id_char_ok(s[i])) {
+            *bad_at = i;
+            return RS_ID_BAD_CHAR;
+        }
+    }
+    return RS_ID_OK;
+}
+
+static inline int rs_hex_val(uint8_t c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+/* Parses 32 lowercase hex digits exactly; returns 0 if `s` is not of that form. */
+static inline int rs_parse_hex128(const uint8_t *s, size_t len, rs_key *out) {
+    if (len != RS_HEX_ID_LEN) return 0;
+    uint64_t parts[2] = {0, 0};
+    for (size_t i = 0; i < RS_HEX_ID_LEN; i++) {
+        int v = rs_hex_val(s[i]);
+        if (v < 0) return 0;
+        parts[i >> 4] = (parts[i >> 4] << 4) | (uint64_t)v;
+    }
+    out->hi = parts[0];
+    out->lo = parts[1];
+    return 1;
+}
+
+static inline void rs_format_hex128(rs_key key, uint8_t *out) {
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[i] = (uint8_t)digits[(key.hi >> (60 - 4 * i)) & 0xf];
+        out[16 + i] = (uint8_t)digits[(key.lo >> (60 - 4 * i)) & 0xf];
+    }
+}
+
+/* Per-process secrets. Distinct keys keep the three uses independent. */
+typedef struct {
+    uint64_t mint_k0, mint_k1;   /* tag of minted ids */
+    uint64_t name_k0, name_k1;   /* 128-bit key of non-hex ids (two runs) */
+    uint64_t name_k2, name_k3;
+    uint64_t slot_k0, slot_k1;   /* table / shard / tombstone-set hashing */
+    uint64_t mint_base;          /* first payload; payloads are base + counter */
+} rs_secrets;
+
+static inline rs_key rs_key_of_name(const rs_secrets *sec, const uint8_t *s, size_t len) {
+    rs_key key;
+    key.hi = rs_siphash24(s, len, sec->name_k0, sec->name_k1);
+    key.lo = rs_siphash24(s, len, sec->name_k2, sec->name_k3);
+    return key;
+}
+
+static inline rs_key rs_minted_key(const rs_secrets *sec, uint64_t counter) {
+    rs_key key;
+    key.hi = sec->mint_base + counter;
+    key.lo = rs_siphash_u64(key.hi, sec->mint_k0, sec->mint_k1);
+    return key;
+}
+
+/* A hex key is self-minted iff its tag checks out and its payload was handed out.
+ * A random foreign id passes the tag check with probability 2^-64. */
+static inline int rs_is_self_minted(const rs_secrets *sec, rs_key key, uint64_t minted) {
+    if ((key.hi - sec->mint_base) >= minted) return 0;
+    return rs_siphash_u64(key.hi, sec->mint_k0, sec->mint_k1) == key.lo;
+}
+
+/* Murmur3's 64-bit finaliser: a cheap bijective mixer. */
+static inline uint64_t rs_fmix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+/* Slot hash of a key. Keyed, because hex ids are chosen by clients and an
+ * unkeyed hash would let them aim for one probe chain. */
+static inline uint64_t rs_slot_hash(const rs_secrets *sec, rs_key key) {
+    return rs_fmix64(key.hi ^ sec->slot_k0 ^ rs_fmix64(key.lo ^ sec->slot_k1));
+}
+
+static inline int rs_key_eq(rs_key a, rs_key b) { return a.hi == b.hi && a.lo == b.lo; }
+
+/* The mint counter is shared by all threads and needs no lock. */
+static inline uint64_t rs_counter_next(uint64_t *c) { return __atomic_fetch_add(c, 1, __ATOMIC_RELAXED); }
+static inline uint64_t rs_counter_load(const uint64_t *c) { return __atomic_load_n(c, __ATOMIC_ACQUIRE); }
+
+#endif /* RS_IDS_H */

@@ -1,0 +1,135 @@
+/* The tombstone: the most recent `cap` deleted foreign ids.
+ *
+ * A preallocated ring of (key, delete time) plus an open-addressing set of
+ * ring positions for O(1) membership. When full, a push overwrites the
+ * oldest entry and drops it from the set. Entries overwritten while younger
+ * than the retry window are counted: that is the operator's signal that the
+ * capacity is too small for the delete rate.
+ *
+ * Cost: 24 bytes per ring entry plus one int32 set slot per entry at load
+ * <= 1/2 (8 bytes), 32 bytes per remembered delete. The set starts zeroed
+ * (calloc), so untouched pages cost no resident memory.
+ *
+ * The caller holds the tombstone lock; no Python state is touched.
+ */
+#ifndef RS_TOMBSTONE_H
+#define RS_TOMBSTONE_H
+
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "rs_ids.h"
+
+typedef struct {
+    rs_key key;
+    double when;
+} rs_grave;
+
+typedef struct {
+    rs_grave *ring;
+    uint32_t *set;        /* ring position + 1 per slot; 0 is empty */
+    uint32_t set_mask;
+    uint32_t cap;
+    uint32_t oldest;      /* ring position of the oldest entry */
+    uint32_t count;
+    uint64_t overwritten;
+    uint64_t young_overwrites;
+    const rs_secrets *sec;
+} rs_tombstone;
+
+static inline int rs_tomb_init(rs_tombstone *t, uint32_t cap, const rs_secrets *sec) {
+    uint64_t slots = 2;
+    while (slots < 2 * (uint64_t)cap) slots <<= 1;
+    t->ring = (rs_grave *)malloc(sizeof(rs_grave) * (size_t)cap);
+    t->set = (uint32_t *)calloc((size_t)slots, sizeof(uint32_t));
+    if (!t->ring || !t->set) {
+        free(t->ring);
+        free(t->set);
+        t->ring = NULL;
+        t->set = NULL;
+        return -1;
+    }
+    t->set_mask = (uint32_t)(slots - 1);
+    t->cap = cap;
+    t->oldest = t->count = 0;
+    t->overwritten = t->young_overwrites = 0;
+    t->sec = sec;
+    return 0;
+}
+
+static inline void rs_tomb_free(rs_tombstone *t) {
+    free(t->ring);
+    free(t->set);
+    t->ring = NULL;
+    t->set = NULL;
+}
+
+static inline uint32_t rs_tomb_home(const rs_tombstone *t, rs_key key) {
+    /* The table uses the low bits of the same hash; take the high half here. */
+    return (uint32_t)(rs_slot_hash(t->sec, key) >> 32) & t->set_mask;
+}
+
+/* Set slot holding `key`, or -1. */
+static inline int64_t rs_tomb_find(const rs_tombstone *t, rs_key key) {
+    uint32_t i = rs_tomb_home(t, key);
+    for (;;) {
+        uint32_t p = t->set[i];
+        if (p == 0) return -1;
+        if (rs_key_eq(t->ring[p - 1].key, key)) return i;
+        i = (i + 1) & t->set_mask;
+    }
+}
+
+static inline int rs_tomb_contains(const rs_tombstone *t, rs_key key) {
+    return rs_tomb_find(t, key) >= 0;
+}
+
+static inline void rs_tomb_unset(rs_tombstone *t, uint32_t slot) {
+    uint32_t hole = slot, j = slot;
+    for (;;) {
+        j = (j + 1) & t->set_mask;
+        uint32_t p = t->set[j];
+        if (p == 0) break;
+        uint32_t home = rs_tomb_home(t, t->ring[p - 1].key);
+        if (((j - home) & t->set_mask) >= ((j - hole) & t->set_mask)) {
+            t->set[hole] = p;
+            hole = j;
+        }
+    }
+    t->set[hole] = 0;
+}
+
+/* Remembers `key` as deleted at `now`, forgetting the oldest entry if full. */
+static inline void rs_tomb_push(rs_tombstone *t, rs_key key, double now, double retry_window) {
+    if (t->cap == 0) return;
+    uint32_t pos;
+    if (t->count == t->cap) {
+        pos = t->oldest;
+        rs_grave *victim = &t->ring[pos];
+        int64_t slot = rs_tomb_find(t, victim->key);
+        if (slot >= 0) rs_tomb_unset(t, (uint32_t)slot);
+        t->overwritten++;
+        if (now - victim->when < retry_window) t->young_overwrites++;
+        t->oldest = (t->oldest + 1 == t->cap) ? 0 : t->oldest + 1;
+    } else {
+        uint64_t p = (uint64_t)t->oldest + t->count;
+        pos = (uint32_t)(p >= t->cap ? p - t->cap : p);
+        t->count++;
+    }
+    t->ring[pos].key = key;
+    t->ring[pos].when = now;
+    uint32_t i = rs_tomb_home(t, key);
+    while (t->set[i] != 0) i = (i + 1) & t->set_mask;
+    t->set[i] = pos + 1;
+}
+
+/* Age of the oldest remembered delete: how far back "delete sticks" reaches. */
+static inline double rs_tomb_horizon(const rs_tombstone *t, double now) {
+    return t->count ? now - t->ring[t->oldest].when : 0.0;
+}
+
+static inline size_t rs_tomb_bytes(const rs_tombstone *t) {
+    return sizeof(rs_grave) * (size_t)t->cap + sizeof(uint32_t) * ((size_t)t->set_mask + 1);
+}
+
+#endif /* RS_TOMBSTONE_H */

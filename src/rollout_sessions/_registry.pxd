@@ -1,0 +1,115 @@
+# Declarations of the C core (rs_*.h) and of the Registry type, for any
+# Cython code that wants the registry without going through Python calls.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *m)
+    int pthread_mutex_lock(pthread_mutex_t *m)
+    int pthread_mutex_unlock(pthread_mutex_t *m)
+
+
+cdef extern from "rs_ids.h" nogil:
+    ctypedef struct rs_key:
+        uint64_t hi
+        uint64_t lo
+    ctypedef struct rs_secrets:
+        uint64_t mint_k0, mint_k1, name_k0, name_k1, name_k2, name_k3
+        uint64_t slot_k0, slot_k1, mint_base
+    enum:
+        RS_ID_OK
+        RS_ID_EMPTY
+        RS_ID_TOO_LONG
+        RS_ID_BAD_CHAR
+        RS_MAX_ID_LEN
+    uint64_t rs_siphash24(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1)
+    int rs_validate(const uint8_t *s, size_t n, size_t *bad_at)
+    int rs_parse_hex128(const uint8_t *s, size_t n, rs_key *out)
+    void rs_format_hex128(rs_key key, uint8_t *out)
+    rs_key rs_key_of_name(const rs_secrets *sec, const uint8_t *s, size_t n)
+    rs_key rs_minted_key(const rs_secrets *sec, uint64_t counter)
+    int rs_is_self_minted(const rs_secrets *sec, rs_key key, uint64_t minted)
+    uint64_t rs_slot_hash(const rs_secrets *sec, rs_key key)
+    uint64_t rs_counter_next(uint64_t *c)
+    uint64_t rs_counter_load(const uint64_t *c)
+
+
+cdef extern from "rs_table.h" nogil:
+    ctypedef struct rs_entry:
+        rs_key key
+        void *obj
+        double last
+        int32_t next
+    ctypedef struct rs_table:
+        rs_entry *entries
+        int32_t *index
+        uint32_t mask
+        uint32_t cap
+        uint32_t live
+        int32_t lru_head
+    int32_t RS_NIL
+    int rs_table_init(rs_table *t, const rs_secrets *sec)
+    void rs_table_free(rs_table *t)
+    int64_t rs_table_probe(const rs_table *t, rs_key key, uint32_t home)
+    void rs_table_touch(rs_table *t, int32_t e, double now)
+    int32_t rs_table_insert(rs_table *t, rs_key key, void *obj, double now)
+    void *rs_table_delete_slot(rs_table *t, uint32_t slot)
+    int rs_table_expired(const rs_table *t, int32_t e, double now, double ttl)
+    int64_t rs_table_expired_head(const rs_table *t, double now, double ttl)
+    size_t rs_table_bytes(const rs_table *t)
+
+
+cdef extern from "rs_tombstone.h" nogil:
+    ctypedef struct rs_tombstone:
+        uint32_t cap
+        uint32_t count
+        uint64_t overwritten
+        uint64_t young_overwrites
+    int rs_tomb_init(rs_tombstone *t, uint32_t cap, const rs_secrets *sec)
+    void rs_tomb_free(rs_tombstone *t)
+    int rs_tomb_contains(const rs_tombstone *t, rs_key key)
+    void rs_tomb_push(rs_tombstone *t, rs_key key, double now, double retry_window)
+    double rs_tomb_horizon(const rs_tombstone *t, double now)
+    size_t rs_tomb_bytes(const rs_tombstone *t)
+
+
+# One shard: its table, its lock, and the counters its operations bump.
+ctypedef struct rs_shard:
+    pthread_mutex_t lock
+    rs_table table
+    uint64_t created_by_id
+    uint64_t auto_creates
+    uint64_t minted
+    uint64_t deletes
+    uint64_t deleted_refusals
+    uint64_t ttl_evictions
+
+
+# A parsed id: its key, where it lives, and whether it is one of ours.
+ctypedef struct rs_id:
+    rs_key key
+    uint64_t hash
+    uint32_t shard
+    bint hexid
+
+
+cdef class Registry:
+    cdef rs_shard *_shards
+    cdef uint32_t _nshards
+    cdef rs_tombstone _tomb
+    cdef pthread_mutex_t _tomb_lock
+    cdef rs_secrets _sec
+    cdef uint64_t _mint_counter
+    cdef double _ttl
+    cdef double _retry_window
+    cdef bint _manual_clock
+    cdef double _manual_now
+    cdef uint32_t _expire_cursor
+
+    cdef int _parse(self, object sid, rs_id *out) except -1
+    cdef double _now(self) noexcept nogil
+    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil
