@@ -35,7 +35,7 @@ def test_mint_is_32_lowercase_hex_unique_and_live():
     objs = [Obj() for _ in range(1000)]
     ids = [reg.mint(o) for o in objs]
     assert len(set(ids)) == 1000
-    for sid, obj in zip(ids, objs):
+    for sid, obj in zip(ids, objs, strict=True):
         assert re.fullmatch(r"[0-9a-f]{32}", sid)
         assert reg.lookup(sid) is obj
         assert reg.is_self_minted(sid)
