@@ -98,6 +98,11 @@ def siphash24(bytes data, bytes key):
     return rs_siphash24(<const uint8_t *>(<char *>data), len(data), k0, k1)
 
 
+def tombstone_bytes(unsigned long long capacity):
+    """Bytes a tombstone of ``capacity`` entries allocates (ring plus set)."""
+    return rs_tomb_bytes_for(capacity)
+
+
 cdef inline void _release(void **dead, int n):
     """Drops the table's references to evicted objects; GIL held, no lock held."""
     cdef int i

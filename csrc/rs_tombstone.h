@@ -37,9 +37,20 @@ typedef struct {
     const rs_secrets *sec;
 } rs_tombstone;
 
-static inline int rs_tomb_init(rs_tombstone *t, uint32_t cap, const rs_secrets *sec) {
+/* Set slots for `cap` entries: a power of two keeping the load <= 1/2. */
+static inline uint64_t rs_tomb_set_slots(uint64_t cap) {
     uint64_t slots = 2;
-    while (slots < 2 * (uint64_t)cap) slots <<= 1;
+    while (slots < 2 * cap) slots <<= 1;
+    return slots;
+}
+
+/* Bytes a tombstone of `cap` entries allocates: the one formula for sizing. */
+static inline uint64_t rs_tomb_bytes_for(uint64_t cap) {
+    return sizeof(rs_grave) * cap + sizeof(uint32_t) * rs_tomb_set_slots(cap);
+}
+
+static inline int rs_tomb_init(rs_tombstone *t, uint32_t cap, const rs_secrets *sec) {
+    uint64_t slots = rs_tomb_set_slots(cap);
     t->ring = (rs_grave *)malloc(sizeof(rs_grave) * (size_t)cap);
     t->set = (uint32_t *)calloc((size_t)slots, sizeof(uint32_t));
     if (!t->ring || !t->set) {
@@ -128,8 +139,6 @@ static inline double rs_tomb_horizon(const rs_tombstone *t, double now) {
     return t->count ? now - t->ring[t->oldest].when : 0.0;
 }
 
-static inline size_t rs_tomb_bytes(const rs_tombstone *t) {
-    return sizeof(rs_grave) * (size_t)t->cap + sizeof(uint32_t) * ((size_t)t->set_mask + 1);
-}
+static inline size_t rs_tomb_bytes(const rs_tombstone *t) { return (size_t)rs_tomb_bytes_for(t->cap); }
 
 #endif /* RS_TOMBSTONE_H */

@@ -75,6 +75,7 @@ cdef extern from "rs_tombstone.h" nogil:
     void rs_tomb_push(rs_tombstone *t, rs_key key, double now, double retry_window)
     double rs_tomb_horizon(const rs_tombstone *t, double now)
     size_t rs_tomb_bytes(const rs_tombstone *t)
+    uint64_t rs_tomb_bytes_for(uint64_t cap)
 
 
 # One shard: its table, its lock, and the counters its operations bump.

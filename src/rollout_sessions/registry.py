@@ -24,6 +24,8 @@ manual_clock=False)``
   created_by_id, deletes.
 - ``is_self_minted(sid) -> bool``; ``advance(seconds)`` (manual clock only).
 
+``tombstone_bytes(capacity)`` is what a tombstone of that capacity allocates.
+
 Invalid ids (empty, over 128 characters, characters outside
 ``[A-Za-z0-9._~:-]``) raise ``ValueError`` with a message fit for a client.
 """
@@ -34,7 +36,8 @@ from rollout_sessions._registry import (
     LIVE,
     NEVER_SEEN,
     Registry,
+    tombstone_bytes,
     validate_id,
 )
 
-__all__ = ["CREATED", "DELETED", "LIVE", "NEVER_SEEN", "Registry", "validate_id"]
+__all__ = ["CREATED", "DELETED", "LIVE", "NEVER_SEEN", "Registry", "tombstone_bytes", "validate_id"]
