@@ -1,0 +1,99 @@
+"""Shared plumbing of the HTTP benchmarks: servers, the load generator, output.
+
+Servers run as subprocesses (``rollout_sessions.demo.server_process``); the
+load generator runs as its own process (``benchmarks/loadgen.py``) so its CPU
+is never the server's; results go to JSON under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rollout_sessions.demo import free_port, serve_argv, server_process
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def reference_argv(port: int, upstream: str | None = None, *extra: str) -> list[str]:
+    argv = [sys.executable, str(HERE / "reference_server.py"), "--port", str(port)]
+    if upstream:
+        argv += ["--upstream", upstream]
+    return argv + list(extra)
+
+
+def echo_argv(port: int, latency_ms: float = 0.0) -> list[str]:
+    argv = [sys.executable, "-m", "rollout_sessions.cli", "echo-backend", "--port", str(port)]
+    if latency_ms:
+        argv += ["--latency-ms", str(latency_ms)]
+    return argv
+
+
+@contextlib.contextmanager
+def started(
+    name: str, argv_for_port: Any, url: str | None = None, health_path: str | None = "/health"
+) -> Iterator[str]:
+    """Yield the base URL of a server: ``url`` if given, else a subprocess we start.
+
+    The subprocess's output goes to a temporary log, printed if it fails.
+    """
+    if url:
+        yield url.rstrip("/")
+        return
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile(mode="w+") as log:
+        try:
+            with server_process(argv_for_port(port), url, log=log, health_path=health_path):
+                yield url
+        except Exception:
+            log.seek(0)
+            tail = log.read()[-4000:]
+            print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
+            raise
+
+
+def ours_argv(upstream: str | None = None):
+    return lambda port: serve_argv(port, upstream)
+
+
+def run_loadgen(*args: str, timeout: float = 900.0) -> dict[str, Any]:
+    """Run ``loadgen.py`` in its own process; return its JSON result."""
+    env = dict(os.environ)
+    src = str(HERE.parent / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    out = subprocess.run(
+        [sys.executable, str(HERE / "loadgen.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"loadgen failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    sys.stderr.write(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    print(f"\nwrote {path}")
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def verdict(met: bool) -> str:
+    return "MET " if met else "MISS"

@@ -1,0 +1,241 @@
+"""Load generator: many concurrent HTTP clients over loopback, in its own process.
+
+Two scenarios, each bounded by a count *and* a duration, each printing one
+JSON line (and a human line on stderr):
+
+    # per session: POST /sessions, GET /sessions/{id}, DELETE /sessions/{id}
+    python benchmarks/loadgen.py lifecycle --url http://127.0.0.1:8000 \
+        --concurrency 64 --duration 10
+
+    # chat turns through sessions (or --direct: straight at the backend)
+    python benchmarks/loadgen.py chat --url http://127.0.0.1:8000 \
+        --concurrency 64 --duration 10 --turns-per-session 8
+
+Every client holds one keep-alive connection (the raw-asyncio driver shared
+with ``rollout-sessions demo``, ``rollout_sessions.demo``), runs on uvloop,
+and times each request with ``perf_counter_ns``. Requests that finish during
+the warm-up are not counted. Only loopback targets are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout_sessions.demo import (
+    HttpClient,
+    HttpError,
+    chat_turn,
+    check_loopback,
+    create_session,
+    delete_session,
+    first_messages,
+    get_session,
+    next_messages,
+    percentile,
+)
+
+
+@dataclass
+class Recorder:
+    """Latencies (ns) and counts, only inside the measured window."""
+
+    t_start: int  # perf_counter_ns at which measuring begins (after warm-up)
+    t_stop: int  # perf_counter_ns at which clients stop starting work
+    lat: dict[str, list[int]] = field(default_factory=dict)
+    units: int = 0  # completed lifecycles / turns inside the window
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+    t_last: int = 0
+
+    def add(self, kind: str, t0: int, t1: int) -> None:
+        if t0 >= self.t_start:
+            self.lat.setdefault(kind, []).append(t1 - t0)
+            self.t_last = max(self.t_last, t1)
+
+    def error(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 10:
+            self.error_samples.append(what)
+
+    def summary(self) -> dict[str, Any]:
+        window = max(1, self.t_last - self.t_start) / 1e9
+        out: dict[str, Any] = {
+            "window_s": window,
+            "units": self.units,
+            "units_per_s": self.units / window,
+            "errors": self.errors,
+            "error_samples": self.error_samples,
+            "latency_ms": {},
+        }
+        everything: list[int] = []
+        for kind, values in self.lat.items():
+            everything += values
+            out["latency_ms"][kind] = _dist(values)
+        if len(self.lat) > 1:
+            out["latency_ms"]["all"] = _dist(everything)
+        out["requests"] = len(everything)
+        out["requests_per_s"] = len(everything) / window
+        return out
+
+
+def _dist(values: list[int]) -> dict[str, float]:
+    s = sorted(values)
+    return {
+        "n": len(s),
+        "p50": percentile(s, 50) / 1e6,
+        "p90": percentile(s, 90) / 1e6,
+        "p99": percentile(s, 99) / 1e6,
+        "max": (s[-1] / 1e6) if s else float("nan"),
+        "mean": (sum(s) / len(s) / 1e6) if s else float("nan"),
+    }
+
+
+async def _lifecycle_client(url: str, rec: Recorder, budget: list[int]) -> None:
+    client = HttpClient.for_url(url, timeout=30.0)
+    ns = time.perf_counter_ns
+    try:
+        while budget[0] > 0 and ns() < rec.t_stop:
+            budget[0] -= 1
+            try:
+                t0 = ns()
+                status, sid = await create_session(client)
+                t1 = ns()
+                if status != 200:
+                    rec.error(f"create: {status}")
+                    continue
+                status, _ = await get_session(client, sid)
+                t2 = ns()
+                if status != 200:
+                    rec.error(f"get {sid}: {status}")
+                status3 = await delete_session(client, sid)
+                t3 = ns()
+                if status3 != 204:
+                    rec.error(f"delete {sid}: {status3}")
+                    continue
+            except HttpError as e:
+                rec.error(str(e))
+                continue
+            rec.add("create", t0, t1)
+            rec.add("get", t1, t2)
+            rec.add("delete", t2, t3)
+            if t0 >= rec.t_start:
+                rec.units += 1
+    finally:
+        await client.close()
+
+
+async def _chat_client(
+    url: str, rec: Recorder, budget: list[int], direct: bool, turns_per_session: int, n: int
+) -> None:
+    client = HttpClient.for_url(url, timeout=120.0)
+    ns = time.perf_counter_ns
+    conversation = n
+    try:
+        while budget[0] > 0 and ns() < rec.t_stop:
+            # A new session (not timed), a few turns (timed), a delete (not timed).
+            sid = None
+            try:
+                if not direct:
+                    status, sid = await create_session(client)
+                    if status != 200:
+                        rec.error(f"create: {status}")
+                        continue
+                messages = first_messages(conversation)
+                conversation += 1_000_000
+                for t in range(turns_per_session):
+                    if budget[0] <= 0 or ns() >= rec.t_stop:
+                        break
+                    budget[0] -= 1
+                    t0 = ns()
+                    status, data = await chat_turn(client, sid, messages)
+                    t1 = ns()
+                    if status != 200:
+                        rec.error(f"chat {sid} turn {t}: {status} {data[:160]!r}")
+                        break
+                    rec.add("turn", t0, t1)
+                    if t0 >= rec.t_start:
+                        rec.units += 1
+                    messages = next_messages(messages, data, t)
+                if sid is not None:
+                    status = await delete_session(client, sid)
+                    if status != 204:
+                        rec.error(f"delete {sid}: {status}")
+            except HttpError as e:
+                rec.error(str(e))
+    finally:
+        await client.close()
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    now = time.perf_counter_ns()
+    rec = Recorder(
+        t_start=now + int(args.warmup * 1e9), t_stop=now + int((args.warmup + args.duration) * 1e9)
+    )
+    budget = [args.max_units]  # shared countdown: clients stop at zero
+    if args.scenario == "lifecycle":
+        clients = [_lifecycle_client(args.url, rec, budget) for _ in range(args.concurrency)]
+    else:
+        clients = [
+            _chat_client(args.url, rec, budget, args.direct, args.turns_per_session, i)
+            for i in range(args.concurrency)
+        ]
+    await asyncio.gather(*clients)
+    out = rec.summary()
+    out.update(
+        scenario=args.scenario,
+        url=args.url,
+        concurrency=args.concurrency,
+        direct=getattr(args, "direct", False),
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+    )
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="scenario", required=True)
+    for name in ("lifecycle", "chat"):
+        s = sub.add_parser(name)
+        s.add_argument("--url", required=True, help="server base URL (loopback only)")
+        s.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
+        s.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+        s.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds first")
+        s.add_argument(
+            "--max-units",
+            type=int,
+            default=10_000_000,
+            help="stop after this many lifecycles / turns in all (bounds the run)",
+        )
+        if name == "chat":
+            s.add_argument("--direct", action="store_true", help="call the backend's own route")
+            s.add_argument("--turns-per-session", type=int, default=8)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_loopback(args.url)
+    args.url = args.url.rstrip("/")
+    import uvloop
+
+    out = uvloop.run(run(args))
+    lat = out["latency_ms"].get("all") or next(iter(out["latency_ms"].values()), {})
+    print(
+        f"{args.scenario} {args.url} c={args.concurrency}: {out['units_per_s']:,.0f}/s "
+        f"p50 {lat.get('p50', float('nan')):.3f} ms p99 {lat.get('p99', float('nan')):.3f} ms "
+        f"errors {out['errors']}",
+        file=sys.stderr,
+    )
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Server settings: one typed object, read once at start-up.
+
+Every field has an environment variable ``ROLLOUT_SESSIONS_<FIELD>`` and a
+``serve`` flag ``--<field-with-dashes>`` of the same meaning; the flag wins.
+An empty environment variable counts as unset. An invalid value raises
+``SettingsError`` whose message names the variable (and the flag, if the
+value came from one); the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "ROLLOUT_SESSIONS_"
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    upstream: str | None = None
+    shards: int = 64
+    tombstone_capacity: int = 1048576
+    retry_window_s: float = 60.0
+    session_ttl_s: float = 7200.0
+    upstream_timeout_s: float = 600.0
+    max_body_bytes: int = 64 * 1024 * 1024
+    allowed_append_roles: tuple[str, ...] = ("tool",)
+    log_level: str = "info"
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message names its variable."""
+
+
+# --- value parsers: raise ValueError("<what is wrong>") --------------------
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    if hi is None:
+        expect = f"an integer >= {lo}"
+    else:
+        expect = f"an integer between {lo} and {hi}"
+
+    def parse(raw: str) -> int:
+        text = raw.strip()
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise ValueError(f"must be {expect}, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be {expect}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"must be a number of seconds > 0, got {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def _host(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError(f"must be a host name or IP address, got {raw!r}")
+    return value
+
+
+def _upstream(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http:// or https:// URL, got {raw!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"must be a base URL without query or fragment, got {raw!r}")
+    try:
+        parts.port  # noqa: B018 - validates the port number
+    except ValueError:
+        raise ValueError(f"has an invalid port, got {raw!r}") from None
+    # The proxy joins paths onto the base: keep one canonical form, no trailing slash.
+    return value.rstrip("/")
+
+
+def _roles(raw: str) -> tuple[str, ...]:
+    roles = tuple(part.strip() for part in raw.split(","))
+    if not raw.strip():
+        return ()
+    if any(not role or not role.replace("_", "").isalnum() for role in roles):
+        raise ValueError(f"must be a comma-separated list of role names, got {raw!r}")
+    # Keep order, drop duplicates.
+    return tuple(dict.fromkeys(roles))
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    field: str
+    parse: Callable[[str], Any]
+    metavar: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SPECS: tuple[_Spec, ...] = (
+    _Spec("host", _host, "HOST", "interface to listen on"),
+    _Spec("port", _int_in(1, 65535), "PORT", "TCP port to listen on"),
+    _Spec(
+        "upstream",
+        _upstream,
+        "URL",
+        "base URL of the OpenAI-compatible inference backend (SGLang, vLLM, a router); "
+        "unset: an embedded echo backend is started and used",
+    ),
+    _Spec(
+        "shards",
+        _int_in(1, 65536),
+        "N",
+        "number of registry shards, each with its own table and lock",
+    ),
+    _Spec(
+        "tombstone_capacity",
+        _int_in(1, 2**31 - 1),
+        "N",
+        "how many deleted foreign ids (created by id or auto-created) are remembered; "
+        "about 32 bytes per entry (24 preallocated in the ring, 8 in its index), "
+        "so the default costs ~32 MiB. "
+        "Self-minted ids need no tombstone. Raise it when the young-overwrite warning "
+        "or rollout_sessions_tombstone_young_overwrites_total grows "
+        "(rule: peak delete rate x retry window)",
+    ),
+    _Spec(
+        "retry_window_s",
+        _positive_float,
+        "SECONDS",
+        "how long after a delete a stale retry is still expected; a tombstone overwritten "
+        "younger than this is counted and warned about",
+    ),
+    _Spec(
+        "session_ttl_s",
+        _positive_float,
+        "SECONDS",
+        "idle time after which a session is evicted (not tombstoned)",
+    ),
+    _Spec(
+        "upstream_timeout_s",
+        _positive_float,
+        "SECONDS",
+        "timeout of one upstream call (answers 504 when exceeded)",
+    ),
+    _Spec(
+        "max_body_bytes",
+        _int_in(1),
+        "BYTES",
+        "largest accepted request body (answers 413 beyond, never buffered past it)",
+    ),
+    _Spec(
+        "allowed_append_roles",
+        _roles,
+        "ROLES",
+        "comma-separated roles a client may append after the last assistant message",
+    ),
+    _Spec("log_level", _log_level, "LEVEL", f"log level: {', '.join(LOG_LEVELS)}"),
+)
+
+_DEFAULTS = Settings()
+assert [s.field for s in SPECS] == [f.name for f in fields(Settings)]
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(value) if value else "(empty)"
+    return str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting. Flags default to None so we can tell 'not given'."""
+    group = parser.add_argument_group(
+        "settings",
+        "Each flag overrides its environment variable; an empty variable counts as unset.",
+    )
+    for spec in SPECS:
+        default = _show_default(getattr(_DEFAULTS, spec.field))
+        group.add_argument(
+            spec.flag,
+            dest=spec.field,
+            metavar=spec.metavar,
+            default=None,
+            help=f"{spec.help} (default: {default}; env {spec.env})",
+        )
+
+
+def load_settings(
+    flags: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from env vars and flags (flag wins). Raises SettingsError."""
+    env = os.environ if environ is None else environ
+    if isinstance(flags, argparse.Namespace):
+        given: Mapping[str, Any] = vars(flags)
+    else:
+        given = flags or {}
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        raw = given.get(spec.field)
+        if raw is not None:
+            source = f"{spec.flag} ({spec.env})"
+        else:
+            raw = env.get(spec.env)
+            source = spec.env
+            if raw is None or raw == "":
+                continue
+        if not isinstance(raw, str):
+            # Programmatic callers may pass typed values; validate their text form.
+            raw = ",".join(raw) if isinstance(raw, (tuple, list)) else str(raw)
+        try:
+            values[spec.field] = spec.parse(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{source}: {exc}") from None
+    return Settings(**values)
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """ROLLOUT_SESSIONS_* variables that match no setting (likely typos)."""
+    env = os.environ if environ is None else environ
+    known = {spec.env for spec in SPECS}
+    return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Serialise settings exactly (the server worker process rebuilds them)."""
+    return json.dumps(dataclasses.asdict(settings))
+
+
+def settings_from_json(text: str) -> Settings:
+    data = json.loads(text)
+    data["allowed_append_roles"] = tuple(data["allowed_append_roles"])
+    return Settings(**data)

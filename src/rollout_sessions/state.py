@@ -1,0 +1,24 @@
+"""The state one app instance shares between its routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from rollout_sessions.config import Settings
+
+if TYPE_CHECKING:
+    from rollout_sessions.metrics import Metrics
+    from rollout_sessions.proxy import Upstream
+    from rollout_sessions.registry import Registry
+
+
+@dataclass(slots=True)
+class AppState:
+    # Effective settings: with no upstream configured, ``upstream`` holds the
+    # embedded echo backend's URL once the app has started.
+    settings: Settings
+    registry: Registry
+    upstream: Upstream
+    metrics: Metrics
+    instance_id: str
