@@ -38,7 +38,6 @@ def test_demo_small_rollout_has_no_resurrection(capsys: pytest.CaptureFixture[st
 
 def test_demo_counts_resurrections_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """Against the production-style reference with no tombstone room, retries come back."""
-    pytest.importorskip("fastapi")
     echo_port, ref_port = demo.free_port(), demo.free_port()
     echo_url, ref_url = f"http://127.0.0.1:{echo_port}", f"http://127.0.0.1:{ref_port}"
     echo = [sys.executable, "-m", "rollout_sessions.cli", "echo-backend", "--port", str(echo_port)]
