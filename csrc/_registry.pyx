@@ -14,7 +14,11 @@ import os
 from cpython.ref cimport Py_DECREF, Py_INCREF, PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport clock_gettime, timespec
+
+
+cdef extern from "<time.h>" nogil:
+    int CLOCK_MONOTONIC_COARSE
 
 
 cdef extern from "Python.h":
@@ -89,13 +93,19 @@ def validate_id(sid):
     _check_id(sid)
 
 
-def siphash24(bytes data, bytes key):
-    """SipHash-2-4 of ``data`` under a 16-byte ``key`` (exposed for tests)."""
+def siphash24(bytes data, bytes key, bint wide=False):
+    """SipHash-2-4 of ``data`` under a 16-byte ``key`` (exposed for tests): a
+    64-bit int, or with ``wide`` the 16 bytes of the 128-bit-output variant."""
     if len(key) != 16:
         raise ValueError("key must be 16 bytes")
     cdef uint64_t k0 = int.from_bytes(key[:8], "little")
     cdef uint64_t k1 = int.from_bytes(key[8:], "little")
-    return rs_siphash24(<const uint8_t *>(<char *>data), len(data), k0, k1)
+    cdef uint64_t hi = 0
+    cdef uint64_t lo = rs_siphash24_core(<const uint8_t *>(<char *>data), len(data), k0, k1,
+                                         &hi if wide else NULL)
+    if wide:
+        return lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+    return lo
 
 
 def tombstone_bytes(unsigned long long capacity):
@@ -156,12 +166,11 @@ cdef class Registry:
             raise ValueError("retry_window must be >= 0")
         if not ttl > 0:
             raise ValueError("ttl must be > 0")
-        words = [int.from_bytes(os.urandom(8), "little") for _ in range(9)]
+        words = [int.from_bytes(os.urandom(8), "little") for _ in range(7)]
         self._sec.mint_k0, self._sec.mint_k1 = words[0], words[1]
         self._sec.name_k0, self._sec.name_k1 = words[2], words[3]
-        self._sec.name_k2, self._sec.name_k3 = words[4], words[5]
-        self._sec.slot_k0, self._sec.slot_k1 = words[6], words[7]
-        self._sec.mint_base = words[8]
+        self._sec.slot_k0, self._sec.slot_k1 = words[4], words[5]
+        self._sec.mint_base = words[6]
         self._mint_counter = 0
         self._ttl = ttl
         self._retry_window = retry_window
@@ -218,7 +227,9 @@ cdef class Registry:
         cdef timespec ts
         if self._manual_clock:
             return self._manual_now
-        clock_gettime(CLOCK_MONOTONIC, &ts)
+        # The coarse clock (a few ms of resolution) costs a fraction of the
+        # precise one; idle TTLs and retry windows are seconds.
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
         return ts.tv_sec + ts.tv_nsec * 1e-9
 
     cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil:
@@ -300,19 +311,27 @@ cdef class Registry:
         """The live object (its idle clock refreshed), or DELETED, or NEVER_SEEN."""
         cdef rs_id rid
         cdef rs_shard *sh
-        cdef void *dead[EVICT_PER_OP + 1]
+        cdef void *dead[1]
         cdef int ndead = 0
         cdef int64_t slot
         cdef int32_t e
         cdef PyObject *found = NULL
         cdef bint deleted = False
-        cdef double now
+        cdef double now = 0.0
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
         with nogil:
             pthread_mutex_lock(&sh.lock)
-            now = self._now()
-            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            # A read does no piggyback eviction (writes and expire() do), and
+            # reads the clock only for an entry it found: misses stay cheap.
+            slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
+            if slot >= 0:
+                now = self._now()
+                if rs_table_expired(&sh.table, sh.table.index[slot], now, self._ttl):
+                    dead[0] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+                    ndead = 1
+                    sh.ttl_evictions += 1
+                    slot = -1
             if slot >= 0:
                 e = sh.table.index[slot]
                 rs_table_touch(&sh.table, e, now)
@@ -321,7 +340,6 @@ cdef class Registry:
                 deleted = self._is_deleted(&rid)
                 if deleted:
                     sh.deleted_refusals += 1
-            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
         # GIL back, shard lock still held: the object cannot be freed under us.
         if found != NULL:
             result = <object>found

@@ -41,14 +41,18 @@ static inline uint64_t rs_load_le64(const uint8_t *p) {
         v2 += v1; v1 = rs_rotl(v1, 17); v1 ^= v2; v2 = rs_rotl(v2, 32);              \
     } while (0)
 
-/* SipHash-2-4 with 64-bit output (Aumasson & Bernstein, 2012). */
-static inline uint64_t rs_siphash24(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1) {
+/* SipHash-2-4 (Aumasson & Bernstein, 2012). With `out_hi` non-NULL it is the
+ * 128-bit-output variant: the second word costs four more rounds instead of
+ * a second full pass, which is what a 128-bit id key needs. */
+static inline uint64_t rs_siphash24_core(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1,
+                                         uint64_t *out_hi) {
     uint64_t v0 = 0x736f6d6570736575ULL ^ k0;
     uint64_t v1 = 0x646f72616e646f6dULL ^ k1;
     uint64_t v2 = 0x6c7967656e657261ULL ^ k0;
     uint64_t v3 = 0x7465646279746573ULL ^ k1;
     uint64_t last = ((uint64_t)len) << 56;
     size_t whole = len - (len & 7);
+    if (out_hi) v1 ^= 0xee;
     for (size_t i = 0; i < whole; i += 8) {
         uint64_t m = rs_load_le64(in + i);
         v3 ^= m;
@@ -61,12 +65,25 @@ static inline uint64_t rs_siphash24(const uint8_t *in, size_t len, uint64_t k0, 
     RS_SIPROUND;
     RS_SIPROUND;
     v0 ^= last;
-    v2 ^= 0xff;
+    v2 ^= out_hi ? 0xee : 0xff;
     RS_SIPROUND;
     RS_SIPROUND;
     RS_SIPROUND;
     RS_SIPROUND;
-    return v0 ^ v1 ^ v2 ^ v3;
+    uint64_t lo = v0 ^ v1 ^ v2 ^ v3;
+    if (out_hi) {
+        v1 ^= 0xdd;
+        RS_SIPROUND;
+        RS_SIPROUND;
+        RS_SIPROUND;
+        RS_SIPROUND;
+        *out_hi = v0 ^ v1 ^ v2 ^ v3;
+    }
+    return lo;
+}
+
+static inline uint64_t rs_siphash24(const uint8_t *in, size_t len, uint64_t k0, uint64_t k1) {
+    return rs_siphash24_core(in, len, k0, k1, NULL);
 }
 
 static inline uint64_t rs_siphash_u64(uint64_t x, uint64_t k0, uint64_t k1) {
@@ -75,11 +92,29 @@ static inline uint64_t rs_siphash_u64(uint64_t x, uint64_t k0, uint64_t k1) {
     return rs_siphash24(buf, 8, k0, k1);
 }
 
-/* Allowed id characters: [A-Za-z0-9._~:-] (an id is one path segment). */
-static inline int rs_id_char_ok(uint8_t c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '.' || c == '_' || c == '~' || c == ':' || c == '-';
-}
+/* Character tables: per-character work of validation and parsing is one
+ * load, not a chain of range compares. */
+static const uint8_t rs_id_ok[256] = {
+    ['-'] = 1, ['.'] = 1, ['_'] = 1, ['~'] = 1, [':'] = 1,
+    ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1,
+    ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1,
+    ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1,
+    ['h'] = 1, ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1,
+    ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1, ['u'] = 1,
+    ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1,
+    ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1,
+    ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1, ['L'] = 1, ['M'] = 1, ['N'] = 1,
+    ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1,
+    ['V'] = 1, ['W'] = 1, ['X'] = 1, ['Y'] = 1, ['Z'] = 1,
+};
+
+/* Value + 1 of a lowercase hex digit; 0 for anything else. */
+static const uint8_t rs_hex_plus1[256] = {
+    ['0'] = 1, ['1'] = 2, ['2'] = 3, ['3'] = 4, ['4'] = 5, ['5'] = 6, ['6'] = 7, ['7'] = 8,
+    ['8'] = 9, ['9'] = 10, ['a'] = 11, ['b'] = 12, ['c'] = 13, ['d'] = 14, ['e'] = 15, ['f'] = 16,
+};
+
+static inline int rs_id_char_ok(uint8_t c) { return rs_id_ok[c]; }
 
 /* Returns RS_ID_OK or the reason; *bad_at receives the offending index. */
 static inline int rs_validate(const uint8_t *s, size_t len, size_t *bad_at) {
@@ -94,11 +129,7 @@ static inline int rs_validate(const uint8_t *s, size_t len, size_t *bad_at) {
     return RS_ID_OK;
 }
 
-static inline int rs_hex_val(uint8_t c) {
-    if (c >= '0' && c <= '9') return c - '0';
-    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-    return -1;
-}
+static inline int rs_hex_val(uint8_t c) { return (int)rs_hex_plus1[c] - 1; }
 
 /* Parses 32 lowercase hex digits exactly; returns 0 if `s` is not of that form. */
 static inline int rs_parse_hex128(const uint8_t *s, size_t len, rs_key *out) {
@@ -125,16 +156,14 @@ static inline void rs_format_hex128(rs_key key, uint8_t *out) {
 /* Per-process secrets. Distinct keys keep the three uses independent. */
 typedef struct {
     uint64_t mint_k0, mint_k1;   /* tag of minted ids */
-    uint64_t name_k0, name_k1;   /* 128-bit key of non-hex ids (two runs) */
-    uint64_t name_k2, name_k3;
+    uint64_t name_k0, name_k1;   /* 128-bit key of non-hex ids */
     uint64_t slot_k0, slot_k1;   /* table / shard / tombstone-set hashing */
     uint64_t mint_base;          /* first payload; payloads are base + counter */
 } rs_secrets;
 
 static inline rs_key rs_key_of_name(const rs_secrets *sec, const uint8_t *s, size_t len) {
     rs_key key;
-    key.hi = rs_siphash24(s, len, sec->name_k0, sec->name_k1);
-    key.lo = rs_siphash24(s, len, sec->name_k2, sec->name_k3);
+    key.lo = rs_siphash24_core(s, len, sec->name_k0, sec->name_k1, &key.hi);
     return key;
 }
 

@@ -28,6 +28,9 @@ def test_siphash_reference_vectors():
     key = bytes(range(16))
     assert siphash24(b"", key) == 0x726FDB47DD0E0E31
     assert siphash24(bytes(range(15)), key) == 0xA129CA6149BE45E5
+    # The 128-bit-output variant, which keys non-hex ids.
+    assert siphash24(b"", key, wide=True).hex() == "a3817f04ba25a8e66df67214c7550293"
+    assert siphash24(bytes(range(15)), key, wide=True).hex() == "5493e99933b0a8117e08ec0f97cfc3d9"
 
 
 def test_mint_is_32_lowercase_hex_unique_and_live():

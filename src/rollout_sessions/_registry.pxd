@@ -18,7 +18,7 @@ cdef extern from "rs_ids.h" nogil:
         uint64_t hi
         uint64_t lo
     ctypedef struct rs_secrets:
-        uint64_t mint_k0, mint_k1, name_k0, name_k1, name_k2, name_k3
+        uint64_t mint_k0, mint_k1, name_k0, name_k1
         uint64_t slot_k0, slot_k1, mint_base
     enum:
         RS_ID_OK
@@ -27,6 +27,8 @@ cdef extern from "rs_ids.h" nogil:
         RS_ID_BAD_CHAR
         RS_MAX_ID_LEN
     uint64_t rs_siphash24(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1)
+    uint64_t rs_siphash24_core(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1,
+                               uint64_t *out_hi)
     int rs_validate(const uint8_t *s, size_t n, size_t *bad_at)
     int rs_parse_hex128(const uint8_t *s, size_t n, rs_key *out)
     void rs_format_hex128(rs_key key, uint8_t *out)
