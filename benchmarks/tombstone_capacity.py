@@ -254,6 +254,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS / "tombstone_capacity.json")
     parser.add_argument("--plot", type=Path, default=HERE / "tombstone_capacity.png")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
     args = parser.parse_args()
     if args.quick:
         args.sizes = [s for s in args.sizes if s <= 64_000]
@@ -343,8 +344,9 @@ def main() -> None:
             indent=1,
         )
     )
-    plot(runs, horizons, args.retry_window, args.plot)
-    print(f"\nwrote {args.out} and {args.plot}")
+    if not args.no_plot:
+        plot(runs, horizons, args.retry_window, args.plot)
+    print(f"\nwrote {args.out}" + ("" if args.no_plot else f" and {args.plot}"))
 
 
 if __name__ == "__main__":

@@ -134,19 +134,59 @@ cdef inline int _evict_expired(rs_shard *sh, double now, double ttl, void **dead
     return n
 
 
-cdef inline int64_t _find_live(rs_shard *sh, const rs_id *rid, double now, double ttl,
+cdef inline int64_t _find_live(Registry reg, rs_shard *sh, const rs_id *rid, double *now,
                                void **dead, int *ndead) noexcept nogil:
-    """Index slot of a live entry, or -1. An entry found idle past the TTL is
-    evicted on the spot, so expiry never depends on when eviction runs."""
+    """Index slot of a live entry, or -1. Shard lock held.
+
+    An entry found idle past the TTL is evicted on the spot, so expiry never
+    depends on when eviction runs. The clock is read only for a found entry
+    (``*now < 0`` means not read yet), which keeps misses cheap.
+    """
     cdef int64_t slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
     if slot < 0:
         return -1
-    if rs_table_expired(&sh.table, sh.table.index[slot], now, ttl):
+    if now[0] < 0:
+        now[0] = reg._now()
+    if rs_table_expired(&sh.table, sh.table.index[slot], now[0], reg._ttl):
         dead[ndead[0]] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
         ndead[0] += 1
         sh.ttl_evictions += 1
         return -1
     return slot
+
+
+cdef enum Admit:
+    ADMITTED
+    ALREADY_LIVE
+    REFUSED_DELETED
+    OUT_OF_MEMORY
+
+
+cdef Admit _admit(Registry reg, rs_shard *sh, const rs_id *rid, void *obj, void **dead,
+                  int *ndead, void **found) noexcept nogil:
+    """Inserts ``obj`` under a never-seen id; shared by create and auto-create.
+
+    Shard lock held. ALREADY_LIVE sets ``*found`` (and refreshes it);
+    nothing changes unless the outcome is ADMITTED.
+    """
+    cdef double now = reg._now()
+    cdef int64_t slot = _find_live(reg, sh, rid, &now, dead, ndead)
+    cdef int32_t e
+    cdef Admit outcome
+    if slot >= 0:
+        e = sh.table.index[slot]
+        rs_table_touch(&sh.table, e, now)
+        found[0] = sh.table.entries[e].obj
+        outcome = ALREADY_LIVE
+    elif reg._is_deleted(rid):
+        sh.deleted_refusals += 1
+        outcome = REFUSED_DELETED
+    elif rs_table_insert(&sh.table, rid.key, obj, now) == RS_NIL:
+        outcome = OUT_OF_MEMORY
+    else:
+        outcome = ADMITTED
+    ndead[0] += _evict_expired(sh, now, reg._ttl, dead + ndead[0], EVICT_PER_OP)
+    return outcome
 
 
 cdef class Registry:
@@ -277,35 +317,24 @@ cdef class Registry:
         cdef rs_shard *sh
         cdef void *dead[EVICT_PER_OP + 1]
         cdef int ndead = 0
-        cdef int64_t slot
-        cdef int32_t e = 0
-        cdef int outcome  # 0 created, 1 live, 2 deleted, 3 out of memory
-        cdef double now
+        cdef void *found = NULL
+        cdef Admit outcome
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
-        Py_INCREF(obj)
+        Py_INCREF(obj)  # the table's reference, if admitted
         with nogil:
             pthread_mutex_lock(&sh.lock)
-            now = self._now()
-            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
-            if slot >= 0:
-                outcome = 1
-            elif self._is_deleted(&rid):
-                outcome = 2
-                sh.deleted_refusals += 1
-            else:
-                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, now)
-                outcome = 3 if e == RS_NIL else 0
-                if outcome == 0:
-                    sh.created_by_id += 1
-            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+            outcome = _admit(self, sh, &rid, <PyObject *>obj, dead, &ndead, &found)
+            if outcome == ADMITTED:
+                sh.created_by_id += 1
             pthread_mutex_unlock(&sh.lock)
         _release(dead, ndead)
-        if outcome != 0:
-            Py_DECREF(obj)
-        if outcome == 3:
+        if outcome == ADMITTED:
+            return CREATED
+        Py_DECREF(obj)
+        if outcome == OUT_OF_MEMORY:
             raise MemoryError("session table could not grow")
-        return CREATED if outcome == 0 else (LIVE if outcome == 1 else DELETED)
+        return LIVE if outcome == ALREADY_LIVE else DELETED
 
     def lookup(self, sid):
         """The live object (its idle clock refreshed), or DELETED, or NEVER_SEEN."""
@@ -317,21 +346,13 @@ cdef class Registry:
         cdef int32_t e
         cdef PyObject *found = NULL
         cdef bint deleted = False
-        cdef double now = 0.0
+        cdef double now = -1.0
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
         with nogil:
             pthread_mutex_lock(&sh.lock)
-            # A read does no piggyback eviction (writes and expire() do), and
-            # reads the clock only for an entry it found: misses stay cheap.
-            slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
-            if slot >= 0:
-                now = self._now()
-                if rs_table_expired(&sh.table, sh.table.index[slot], now, self._ttl):
-                    dead[0] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
-                    ndead = 1
-                    sh.ttl_evictions += 1
-                    slot = -1
+            # A read does no piggyback eviction (writes and expire() do).
+            slot = _find_live(self, sh, &rid, &now, dead, &ndead)
             if slot >= 0:
                 e = sh.table.index[slot]
                 rs_table_touch(&sh.table, e, now)
@@ -355,47 +376,31 @@ cdef class Registry:
         cdef rs_shard *sh
         cdef void *dead[EVICT_PER_OP + 1]
         cdef int ndead = 0
-        cdef int64_t slot
-        cdef int32_t e = 0
-        cdef double now
-        cdef PyObject *found = NULL
-        cdef int outcome  # 0 created, 1 live (raced), 2 deleted (raced), 3 out of memory
+        cdef void *found = NULL
+        cdef Admit outcome
         result = self.lookup(sid)
         if result is not NEVER_SEEN:
             return result
         obj = factory()  # no lock held: the factory may do anything
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
-        Py_INCREF(obj)
+        Py_INCREF(obj)  # the table's reference, if admitted
         with nogil:
             pthread_mutex_lock(&sh.lock)
-            now = self._now()
-            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
-            if slot >= 0:
-                e = sh.table.index[slot]
-                rs_table_touch(&sh.table, e, now)
-                found = <PyObject *>sh.table.entries[e].obj
-                outcome = 1
-            elif self._is_deleted(&rid):
-                outcome = 2
-                sh.deleted_refusals += 1
-            else:
-                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, now)
-                outcome = 3 if e == RS_NIL else 0
-                if outcome == 0:
-                    sh.auto_creates += 1
-            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
-        if outcome == 1:
+            outcome = _admit(self, sh, &rid, <PyObject *>obj, dead, &ndead, &found)
+            if outcome == ADMITTED:
+                sh.auto_creates += 1
+        # GIL back, shard lock still held: a raced-in object cannot be freed under us.
+        if outcome == ALREADY_LIVE:
             result = <object>found
         pthread_mutex_unlock(&sh.lock)
         _release(dead, ndead)
-        if outcome != 0:
-            Py_DECREF(obj)
-        if outcome == 0:
+        if outcome == ADMITTED:
             return obj
-        if outcome == 1:
+        Py_DECREF(obj)
+        if outcome == ALREADY_LIVE:
             return result
-        if outcome == 2:
+        if outcome == REFUSED_DELETED:
             return DELETED
         raise MemoryError("session table could not grow")
 
@@ -415,7 +420,7 @@ cdef class Registry:
         with nogil:
             pthread_mutex_lock(&sh.lock)
             now = self._now()
-            slot = _find_live(sh, &rid, now, self._ttl, dead, &ndead)
+            slot = _find_live(self, sh, &rid, &now, dead, &ndead)
             if slot >= 0 and (want == NULL or sh.table.entries[sh.table.index[slot]].obj == want):
                 removed = rs_table_delete_slot(&sh.table, <uint32_t>slot)
                 sh.deletes += 1
