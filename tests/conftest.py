@@ -237,7 +237,29 @@ def echo_factory() -> Iterator[Callable[..., EchoProc]]:
 
 
 @pytest.fixture(scope="module")
-def echo_backend() -> Iterator[EchoProc]:
-    echo = start_echo()
-    yield echo
-    echo.cleanup()
+def echo() -> Iterator[EchoProc]:
+    """An echo backend subprocess for the module; tests may inspect what it saw."""
+    proc = start_echo()
+    yield proc
+    proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def srv(echo: EchoProc) -> Iterator[ServerProc]:
+    """A server forwarding to the module's echo backend."""
+    proc = start_server("--upstream", echo.url)
+    yield proc
+    proc.cleanup()
+
+
+# A tool the echo backend can be asked to call (its `tool_rounds` control).
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "look something up",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+        },
+    }
+]

@@ -16,33 +16,9 @@ from typing import Any
 import orjson
 import pytest
 import requests
-from conftest import EchoProc, ServerProc, free_port, start_echo, start_server
+from conftest import TOOLS, EchoProc, ServerProc, free_port, start_server
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "lookup",
-            "description": "look something up",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
-        },
-    }
-]
 RECORD_KEYS = {"timestamp", "method", "path", "status_code", "request", "response"}
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[EchoProc]:
-    proc = start_echo()
-    yield proc
-    proc.cleanup()
-
-
-@pytest.fixture(scope="module")
-def srv(echo: EchoProc) -> Iterator[ServerProc]:
-    proc = start_server("--upstream", echo.url)
-    yield proc
-    proc.cleanup()
 
 
 @pytest.fixture(scope="module")

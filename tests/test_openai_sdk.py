@@ -6,18 +6,7 @@ import uuid
 
 import openai
 import requests
-from conftest import ServerProc
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "lookup",
-            "description": "look something up",
-            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
-        },
-    }
-]
+from conftest import TOOLS, ServerProc
 
 
 def client(server: ServerProc, sid: str) -> openai.OpenAI:

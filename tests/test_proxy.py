@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import http.client
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import requests
-from conftest import EchoProc, ServerProc, free_port, start_echo, start_server
+from conftest import ServerProc, free_port
 
 from rollout_sessions.proxy import safe_subpath
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[EchoProc]:
-    proc = start_echo()
-    yield proc
-    proc.cleanup()
-
-
-@pytest.fixture(scope="module")
-def srv(echo: EchoProc) -> Iterator[ServerProc]:
-    proc = start_server("--upstream", echo.url)
-    yield proc
-    proc.cleanup()
 
 
 def raw_request(srv: ServerProc, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
