@@ -21,10 +21,12 @@ async def read_body(request: Request, limit: int) -> bytes:
 
     A declared Content-Length over the limit is refused before reading a byte;
     otherwise chunks are received one by one and reading stops at the first
-    chunk that crosses the limit (the ASGI server discards the rest). Read the
-    body at most once per request.
+    chunk that crosses the limit (the ASGI server discards the rest), or as
+    soon as the declared Content-Length has arrived. Read the body at most
+    once per request.
     """
     length = request.get_first_header(b"content-length")
+    declared = -1  # unknown (chunked)
     if length is not None:
         if length == b"0":
             return b""
@@ -69,7 +71,10 @@ async def read_body(request: Request, limit: int) -> bytes:
                 parts = [first, chunk]
             else:
                 first = chunk
-        if not message.get("more_body", False):
+        # Done at the declared length: the HTTP layer has framed the whole
+        # body, so waiting for the closing empty message (granian sends one,
+        # a round trip to its I/O thread) would only add latency.
+        if total == declared or not message.get("more_body", False):
             break
     return b"".join(parts) if parts is not None else first
 
