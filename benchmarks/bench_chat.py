@@ -38,11 +38,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import (  # noqa: E402
     RESULTS,
+    alternating_rounds,
     echo_argv,
     median,
     ours_argv,
     reference_argv,
-    run_loadgen,
     started,
     verdict,
     write_json,
@@ -50,17 +50,15 @@ from benchutil import (  # noqa: E402
 
 
 def measure(urls: dict[str, str], c: int, a: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
     warmup = a.warmup if c < 256 else max(a.warmup, 2.0)  # 1024 connections to open first
-    for r in range(a.rounds):
-        order = list(urls) if r % 2 == 0 else list(reversed(urls))
-        for name in order:
-            args = ["chat", "--url", urls[name], "--concurrency", str(c)]
-            args += ["--duration", str(a.duration), "--warmup", str(warmup)]
-            args += ["--turns-per-session", str(a.turns_per_session)]
-            if name == "direct":
-                args.append("--direct")
-            runs[name].append(run_loadgen(*args))
+
+    def loadgen_args(name: str, url: str) -> list[str]:
+        args = ["chat", "--url", url, "--concurrency", str(c)]
+        args += ["--duration", str(a.duration), "--warmup", str(warmup)]
+        args += ["--turns-per-session", str(a.turns_per_session)]
+        return [*args, "--direct"] if name == "direct" else args
+
+    runs = alternating_rounds(urls, a.rounds, loadgen_args)
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         lat = [x["latency_ms"].get("turn", {}) for x in rs]

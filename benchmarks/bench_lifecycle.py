@@ -32,10 +32,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import (  # noqa: E402
     RESULTS,
+    alternating_rounds,
     median,
     ours_argv,
     reference_argv,
-    run_loadgen,
     started,
     verdict,
     write_json,
@@ -69,23 +69,21 @@ def fill(url: str, n: int) -> None:
 
 
 def measure(urls: dict[str, str], concurrency: int, a: argparse.Namespace) -> dict[str, Any]:
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    for r in range(a.rounds):
-        order = list(urls) if r % 2 == 0 else list(reversed(urls))
-        for name in order:
-            runs[name].append(
-                run_loadgen(
-                    "lifecycle",
-                    "--url",
-                    urls[name],
-                    "--concurrency",
-                    str(concurrency),
-                    "--duration",
-                    str(a.duration),
-                    "--warmup",
-                    str(a.warmup),
-                )
-            )
+    runs = alternating_rounds(
+        urls,
+        a.rounds,
+        lambda name, url: [
+            "lifecycle",
+            "--url",
+            url,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(a.duration),
+            "--warmup",
+            str(a.warmup),
+        ],
+    )
     out: dict[str, Any] = {}
     for name, rs in runs.items():
         out[name] = {

@@ -83,6 +83,20 @@ def run_loadgen(*args: str, timeout: float = 900.0) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def alternating_rounds(
+    urls: dict[str, str], rounds: int, loadgen_args: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """Run ``loadgen.py`` against every target, ``rounds`` times, reversing the
+    order every other round so that machine noise hits all targets alike.
+    ``loadgen_args(name, url)`` gives the load generator's arguments."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
+    for r in range(rounds):
+        order = list(urls) if r % 2 == 0 else list(reversed(urls))
+        for name in order:
+            runs[name].append(run_loadgen(*loadgen_args(name, urls[name])))
+    return runs
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
