@@ -406,7 +406,11 @@ cdef class Registry:
 
     def remove(self, sid, expected=None):
         """Removes a live id and tombstones it; returns its object, or None if not live
-        (or, with ``expected``, if the id maps to another object)."""
+        (or, with ``expected``, if the id maps to another object).
+
+        With ``expected`` the caller held the session, so the id did exist: if
+        idle-TTL eviction took it meanwhile, the id is still tombstoned (delete
+        sticks even when eviction wins the race) and None is returned."""
         cdef rs_id rid
         cdef rs_shard *sh
         cdef void *dead[EVICT_PER_OP + 1]
@@ -415,21 +419,28 @@ cdef class Registry:
         cdef void *removed = NULL
         cdef PyObject *want = NULL if expected is None else <PyObject *>expected
         cdef double now
+        cdef bint foreign
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
         with nogil:
             pthread_mutex_lock(&sh.lock)
             now = self._now()
             slot = _find_live(self, sh, &rid, &now, dead, &ndead)
+            # Our own ids are recognised without the ring; only foreign ones need it.
+            foreign = not (rid.hexid and rs_is_self_minted(&self._sec, rid.key,
+                                                           rs_counter_load(&self._mint_counter)))
             if slot >= 0 and (want == NULL or sh.table.entries[sh.table.index[slot]].obj == want):
                 removed = rs_table_delete_slot(&sh.table, <uint32_t>slot)
                 sh.deletes += 1
-                # Our own ids are recognised without the ring; only foreign ones need it.
-                if not (rid.hexid and rs_is_self_minted(&self._sec, rid.key,
-                                                        rs_counter_load(&self._mint_counter))):
+                if foreign:
                     pthread_mutex_lock(&self._tomb_lock)
                     rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
                     pthread_mutex_unlock(&self._tomb_lock)
+            elif slot < 0 and want != NULL and foreign:
+                pthread_mutex_lock(&self._tomb_lock)
+                if not rs_tomb_contains(&self._tomb, rid.key):
+                    rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
+                pthread_mutex_unlock(&self._tomb_lock)
             ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
             pthread_mutex_unlock(&sh.lock)
         _release(dead, ndead)

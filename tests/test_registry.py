@@ -94,6 +94,25 @@ def test_remove_with_expected_object():
     assert reg.remove("k", expected=a) is a
 
 
+def test_delete_sticks_when_eviction_wins_the_race():
+    """DELETE held the session, then idle-TTL eviction took it before the remove."""
+    reg = make(ttl=1.0)
+    a, b = Obj(), Obj()
+    reg.create("foreign", a)
+    minted = reg.mint(b)
+    reg.advance(2.0)
+    assert reg.remove("foreign", expected=a) is None
+    assert reg.remove(minted, expected=b) is None
+    assert reg.lookup("foreign") is DELETED
+    assert reg.lookup(minted) is DELETED
+    assert reg.stats()["tombstones"] == 1  # the minted id needs none
+    # Without `expected` the caller never saw the id: nothing is tombstoned.
+    reg.create("other", Obj())
+    reg.advance(2.0)
+    assert reg.remove("other") is None
+    assert reg.lookup("other") is NEVER_SEEN
+
+
 def test_self_minted_ids_stick_past_any_capacity():
     reg = make(tombstone_capacity=4)
     ids = [reg.mint(Obj()) for _ in range(100)]
