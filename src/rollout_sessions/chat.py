@@ -31,7 +31,7 @@ from orjson import Fragment
 
 from rollout_sessions import errors
 from rollout_sessions.errors import ApiError
-from rollout_sessions.httputil import parse_json, read_body
+from rollout_sessions.httputil import id_checked, parse_json, read_body
 from rollout_sessions.proxy import chat_headers, passthrough_response
 from rollout_sessions.registry import DELETED, NEVER_SEEN
 from rollout_sessions.session import Session
@@ -50,10 +50,7 @@ _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 async def chat_completions(state: AppState, session_id: str, request: Any) -> Response:
     """One chat turn; raises ``ApiError`` for every error answer."""
     registry = state.registry
-    try:
-        session = registry.lookup(session_id)
-    except ValueError as exc:
-        raise errors.invalid_session_id(str(exc)) from None
+    session = id_checked(registry.lookup, session_id)
     if session is DELETED or (session is not NEVER_SEEN and session.closing):
         raise errors.session_not_found(session_id)
 

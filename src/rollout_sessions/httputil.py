@@ -5,13 +5,26 @@ Kept free of framework machinery on purpose: these run on every request.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from blacksheep import Content, Request, Response
 
 from rollout_sessions import errors
 from rollout_sessions.errors import ApiError
+
+T = TypeVar("T")
+
+
+def id_checked(op: Callable[..., T], session_id: str, *args: Any) -> T:
+    """``op(session_id, *args)`` for a registry operation; the registry's
+    ValueError for an invalid id becomes the 400 answer."""
+    try:
+        return op(session_id, *args)
+    except ValueError as exc:
+        raise errors.invalid_session_id(str(exc)) from None
+
 
 JSON_TYPE = b"application/json"
 

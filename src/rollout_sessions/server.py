@@ -37,6 +37,7 @@ from rollout_sessions.echo import start_echo_backend
 from rollout_sessions.errors import ApiError
 from rollout_sessions.httputil import (
     error_response,
+    id_checked,
     json_response,
     parse_json,
     raw_json_response,
@@ -118,10 +119,7 @@ def _documented(docs: OpenAPIHandler, endpoint: Handler, **info: Any) -> Handler
 
 def _checked_id(request: Request) -> str:
     sid = request.route_values["id"]
-    try:
-        validate_id(sid)
-    except ValueError as exc:
-        raise errors.invalid_session_id(str(exc)) from None
+    id_checked(validate_id, sid)
     return sid
 
 
@@ -240,10 +238,7 @@ def _add_lifecycle_routes(app: Application, docs: OpenAPIHandler, state: AppStat
         if sid is None:
             # Minted ids are 32 hex digits: no escaping needed.
             return raw_json_response(b'{"session_id":"%s"}' % mint(Session()).encode())
-        try:
-            outcome = create(sid, Session())
-        except ValueError as exc:
-            raise errors.invalid_session_id(str(exc)) from None
+        outcome = id_checked(create, sid, Session())
         if outcome == CREATED:
             return json_response({"session_id": sid})
         if outcome == LIVE:
@@ -252,10 +247,7 @@ def _add_lifecycle_routes(app: Application, docs: OpenAPIHandler, state: AppStat
 
     async def get_session(request: Request) -> Response:
         sid = request.route_values["id"]
-        try:
-            session = lookup(sid)
-        except ValueError as exc:
-            raise errors.invalid_session_id(str(exc)) from None
+        session = id_checked(lookup, sid)
         if session is NEVER_SEEN:
             # Restart tolerance: a never-seen id reads as empty, and stays unknown.
             return json_response(empty_snapshot(sid))
@@ -265,10 +257,7 @@ def _add_lifecycle_routes(app: Application, docs: OpenAPIHandler, state: AppStat
 
     async def delete_session(request: Request) -> Response:
         sid = request.route_values["id"]
-        try:
-            session = lookup(sid)
-        except ValueError as exc:
-            raise errors.invalid_session_id(str(exc)) from None
+        session = id_checked(lookup, sid)
         if session is NEVER_SEEN or session is DELETED or session.closing:
             raise errors.session_not_found(sid)
         # From here a chat turn sees `closing` and answers 404.
@@ -335,7 +324,8 @@ def _add_lifecycle_routes(app: Application, docs: OpenAPIHandler, state: AppStat
 def _add_chat_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
 
     async def chat(request: Request) -> Response:
-        return await chat_completions(state, _checked_id(request), request)
+        # chat_completions validates the id with its lookup.
+        return await chat_completions(state, request.route_values["id"], request)
 
     async def proxy(request: Request) -> Response:
         sid = _checked_id(request)
