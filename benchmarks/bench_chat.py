@@ -40,12 +40,11 @@ from benchutil import (  # noqa: E402
     RESULTS,
     alternating_rounds,
     echo_argv,
+    finish,
     median,
     ours_argv,
     reference_argv,
     started,
-    verdict,
-    write_json,
 )
 
 
@@ -162,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" in d:
             e = d["ours"]["errors"]
             targets.append({"target": f"c={c} ours errors == 0", "value": e, "met": e == 0})
-    res["targets"] = targets
-    if targets:
-        print("\n== targets ==")
-        for t in targets:
-            print(f"{verdict(t['met'])}  {t['target']:44} {t['value']:.3f}")
-    write_json(a.json, res)
+    finish(res, targets, a.json)
     return 0
 
 

@@ -33,12 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import (  # noqa: E402
     RESULTS,
     alternating_rounds,
+    finish,
     median,
     ours_argv,
     reference_argv,
     started,
-    verdict,
-    write_json,
 )
 
 
@@ -157,12 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     "met": d["ours"]["errors"] == 0,
                 },
             ]
-    res["targets"] = targets
-    if targets:
-        print("\n== targets ==")
-        for t in targets:
-            print(f"{verdict(t['met'])}  {t['target']:36} {t['value']:.3f}")
-    write_json(a.json, res)
+    finish(res, targets, a.json)
     return 0
 
 

@@ -103,6 +103,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     print(f"\nwrote {path}")
 
 
+def finish(res: dict[str, Any], targets: list[dict[str, Any]], path: Path) -> None:
+    """Print each target's verdict and write the results (targets included)."""
+    res["targets"] = targets
+    if targets:
+        width = max(len(t["target"]) for t in targets)
+        print("\n== targets ==")
+        for t in targets:
+            print(f"{verdict(t['met'])}  {t['target']:{width}} {t['value']:.3f}")
+    write_json(path, res)
+
+
 def median(values: list[float]) -> float:
     s = sorted(values)
     n = len(s)
