@@ -42,8 +42,7 @@ async def create_many(url: str, n: int, concurrency: int) -> int:
 
 
 def settle_rss(proc: psutil.Process) -> int:
-    """Resident memory of the server and its children (``serve`` runs its app in a
-    worker process under a small supervisor)."""
+    """Resident memory of the server and any children (it runs in one process)."""
     time.sleep(1.0)  # let the server finish any in-flight bookkeeping
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 

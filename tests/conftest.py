@@ -58,8 +58,8 @@ class Proc:
         fd, name = tempfile.mkstemp(prefix="rollout-sessions-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as log:
-            # Own process group: `serve` supervises a worker process, and a
-            # kill after a failed graceful stop must not orphan it.
+            # Own process group: a kill after a failed graceful stop must not
+            # orphan anything the process started.
             self.proc = subprocess.Popen(
                 cmd,
                 stdout=log,
@@ -104,7 +104,7 @@ class Proc:
         with contextlib.suppress(Exception):
             self.stop(timeout=10.0)
         if self.proc.poll() is not None:
-            # The supervisor is gone; make sure no worker of it lingers.
+            # It is gone; make sure nothing it started lingers.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):

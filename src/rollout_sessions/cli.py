@@ -2,7 +2,7 @@
 
 Subcommands:
 
-- ``serve``: the session server (BlackSheep on granian, uvloop).
+- ``serve``: the session server (BlackSheep on uvloop, ``rollout_sessions.http1``).
 - ``echo-backend``: the echo inference backend alone (``rollout_sessions.echo``).
 - ``demo``: a simulated rollout against a server (``rollout_sessions.demo``).
 - ``tombstone-sizing``: the recommended tombstone capacity (``rollout_sessions.sizing``).
@@ -14,14 +14,10 @@ passed to that module's ``main(argv)``.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
-import json
 import logging
-import os
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +28,8 @@ log = logging.getLogger("rollout_sessions")
 
 # In-flight requests get this long to finish after SIGTERM/SIGINT.
 GRACEFUL_SHUTDOWN_S = 30.0
-# How long `serve` waits for its port to become free before giving up.
+# How long `serve` waits for its port to become free before giving up
+# (a predecessor may still be closing it).
 PORT_WAIT_S = 2.0
 
 # subcommand -> (module, one-line help); imported only when used.
@@ -57,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="run the session server",
-        description="Run the session server (BlackSheep on granian and uvloop, one worker "
-        "process). Every setting comes from its environment variable or its flag; the "
+        description="Run the session server (the BlackSheep app on uvloop, one process). "
+        "Every setting comes from its environment variable or its flag; the "
         "flag wins. With no upstream, an embedded echo backend is started and used.",
     )
     add_arguments(serve)
@@ -95,106 +92,71 @@ def _delegate(command: str, argv: list[str]) -> int:
 
 
 def log_config(level: str) -> dict[str, Any]:
-    """One logging setup for granian's and our loggers, in both processes."""
-    from granian.log import LOGGING_CONFIG
-
-    config = copy.deepcopy(LOGGING_CONFIG)
-    for handler in config["handlers"].values():
-        handler["stream"] = "ext://sys.stderr"
+    """Our and BlackSheep's loggers, one line per record on stderr."""
     numeric = "DEBUG" if level == "trace" else level.upper()
-    for name in ("rollout_sessions", "blacksheep"):
-        config["loggers"][name] = {"handlers": ["console"], "level": numeric, "propagate": False}
-    return config
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "[%(levelname)s] %(message)s"}},
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "plain",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "loggers": {
+            name: {"handlers": ["console"], "level": numeric, "propagate": False}
+            for name in ("rollout_sessions", "blacksheep")
+        },
+    }
 
 
 def serve(settings: Settings) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a graceful stop.
 
-    granian (Rust HTTP/1.1, measured faster than uvicorn + httptools: see
-    benchmarks/RESULTS.md, "ASGI server choice") runs the BlackSheep app in one
-    worker process on uvloop; this process supervises it. On SIGTERM/SIGINT
-    granian stops accepting, lets in-flight requests finish (at most
+    One process, one uvloop event loop: the app is served by our own
+    HTTP/1.1 protocol (``rollout_sessions.http1``; chosen over granian and
+    uvicorn by measurement, benchmarks/RESULTS.md "HTTP server choice"). On
+    SIGTERM/SIGINT it stops accepting, lets requests in flight finish (at most
     GRACEFUL_SHUTDOWN_S), runs the app's shutdown, and exits 0.
     """
     import logging.config
 
-    from granian.constants import HTTPModes, Interfaces, Loops, RuntimeModes
-    from granian.log import LogLevels
-    from granian.server import Server
+    import uvloop
 
-    from rollout_sessions.config import settings_to_json, unknown_env_vars
-    from rollout_sessions.server import app_from_spec
+    from rollout_sessions import http1
+    from rollout_sessions.config import unknown_env_vars
+    from rollout_sessions.server import app_for_serving
 
     logging.config.dictConfig(log_config(settings.log_level))
-    # A predecessor may still be closing its socket: allow it a moment.
-    deadline = time.monotonic() + PORT_WAIT_S
-    while True:
-        try:
-            _check_port_free(settings.host, settings.port)
-            break
-        except OSError as exc:
-            if time.monotonic() >= deadline:
-                log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
-                return 1
-            time.sleep(0.1)
-    spec: dict[str, Any] = {
-        "settings": settings_to_json(settings),
-        "echo_port": None,
-        "supervisor_pid": os.getpid(),
-    }
+    echo_port = None
     if settings.upstream is None:
-        # The worker starts the echo backend on this port; say so first.
-        spec["echo_port"] = port = _free_loopback_port()
+        # The app starts the echo backend on this port; say so first.
+        echo_port = _free_loopback_port()
         log.warning(
-            "no upstream configured: using embedded echo backend at http://127.0.0.1:%d", port
+            "no upstream configured: using embedded echo backend at http://127.0.0.1:%d",
+            echo_port,
         )
     for name in unknown_env_vars():
         log.warning("ignoring unknown setting %s (see rollout-sessions serve --help)", name)
-
-    level = "debug" if settings.log_level == "trace" else settings.log_level
-    server = Server(
-        json.dumps(spec),  # the "target": handed to app_from_spec in the worker
-        address=settings.host,
-        port=settings.port,
-        interface=Interfaces.ASGI,
-        workers=1,
-        runtime_threads=1,
-        runtime_mode=RuntimeModes.st,
-        loop=Loops.uvloop,
-        http=HTTPModes.http1,
-        backlog=4096,
-        # Requests in flight per worker before granian queues them: thousands
-        # of concurrent chat turns must not queue behind each other.
-        backpressure=16384,
-        log_enabled=True,
-        log_level=LogLevels(level),
-        log_dictconfig=log_config(settings.log_level),
-        log_access=False,  # a log line per request would cost more than the request
-        workers_kill_timeout=int(GRACEFUL_SHUTDOWN_S),
-    )
+    app = app_for_serving(settings, echo_port)
     try:
-        # app_from_spec(spec) runs in the worker; imported here so a forked
-        # worker starts with the modules loaded (and it pickles by reference).
-        server.serve(target_loader=app_from_spec, wrap_loader=True)
+        uvloop.run(
+            http1.run(
+                app,
+                settings.host,
+                settings.port,
+                max_body_bytes=settings.max_body_bytes,
+                graceful_s=GRACEFUL_SHUTDOWN_S,
+                bind_wait_s=PORT_WAIT_S,
+            )
+        )
     except OSError as exc:
         log.error("cannot serve on %s:%d: %s", settings.host, settings.port, exc)
         return 1
     log.info("stopped")
     return 0
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Raise OSError if something already listens there.
-
-    granian binds with SO_REUSEPORT, so a second server on a taken port would
-    start and silently share the traffic. A probe bind without it fails
-    instead (SO_REUSEADDR only lets it past TIME_WAIT leftovers).
-    """
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _name, addr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(addr)
 
 
 def _free_loopback_port() -> int:

@@ -10,8 +10,6 @@ value came from one); the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -257,14 +255,3 @@ def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     known = {spec.env for spec in SPECS}
     return sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
-
-
-def settings_to_json(settings: Settings) -> str:
-    """Serialise settings exactly (the server worker process rebuilds them)."""
-    return json.dumps(dataclasses.asdict(settings))
-
-
-def settings_from_json(text: str) -> Settings:
-    data = json.loads(text)
-    data["allowed_append_roles"] = tuple(data["allowed_append_roles"])
-    return Settings(**data)

@@ -98,3 +98,14 @@ def upstream_malformed(detail: str) -> ApiError:
 
 def proxy_path_refused(path: str) -> ApiError:
     return ApiError(400, f"refused proxy path {path!r}: it would leave the upstream base")
+
+
+# --- HTTP framing (http1) ---
+
+
+def malformed_request(detail: str) -> ApiError:
+    return ApiError(400, f"malformed HTTP request: {detail}")
+
+
+def headers_too_large(limit: int) -> ApiError:
+    return ApiError(431, f"request headers exceed {limit} bytes")

@@ -85,8 +85,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             else:
                 first = chunk
         # Done at the declared length: the HTTP layer has framed the whole
-        # body, so waiting for the closing empty message (granian sends one,
-        # a round trip to its I/O thread) would only add latency.
+        # body, so waiting for a closing empty message (granian sends one, a
+        # round trip to its I/O thread) would only add latency.
         if total == declared or not message.get("more_body", False):
             break
     return b"".join(parts) if parts is not None else first

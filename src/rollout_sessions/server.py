@@ -9,15 +9,11 @@ latency into a per-route histogram.
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import gc
-import json
 import logging
 import os
 import secrets
-import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -32,9 +28,10 @@ from openapidocs.v3 import Info
 
 from rollout_sessions import __version__, errors
 from rollout_sessions.chat import chat_completions
-from rollout_sessions.config import Settings, load_settings, settings_from_json
+from rollout_sessions.config import Settings, load_settings
 from rollout_sessions.echo import start_echo_backend
 from rollout_sessions.errors import ApiError
+from rollout_sessions.http1 import in_task
 from rollout_sessions.httputil import (
     error_response,
     id_checked,
@@ -123,13 +120,9 @@ def _checked_id(request: Request) -> str:
     return sid
 
 
-def app_from_spec(spec: str) -> Application:
-    """The worker's entry point: ``spec`` is the JSON the ``serve`` command built."""
-    data = json.loads(spec)
-    supervisor = data.get("supervisor_pid")
-    if supervisor is not None:
-        _die_with(supervisor)
-    app = create_app(settings_from_json(data["settings"]), echo_port=data.get("echo_port"))
+def app_for_serving(settings: Settings, echo_port: int | None = None) -> Application:
+    """The app as ``rollout-sessions serve`` runs it: settled GC once started."""
+    app = create_app(settings, echo_port=echo_port)
     app.on_start += _settle_gc
     return app
 
@@ -149,28 +142,12 @@ async def _settle_gc(app: Application) -> None:
     gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
-def _die_with(supervisor_pid: int) -> None:
-    """End this worker the moment its supervisor dies, as one process would.
-
-    Without this, a SIGKILLed ``serve`` would leave the worker listening on
-    the port (granian binds with SO_REUSEPORT), holding the old sessions.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != supervisor_pid:  # it died before we asked
-        os._exit(1)
-
-
 def app_from_env() -> Application:
     """App factory for any ASGI server: settings from ROLLOUT_SESSIONS_* only.
 
     E.g. ``uvicorn --factory rollout_sessions.server:app_from_env``.
     """
-    app = create_app(load_settings(environ=os.environ))
-    app.on_start += _settle_gc
-    return app
+    return app_for_serving(load_settings(environ=os.environ))
 
 
 def create_app(settings: Settings, echo_port: int | None = None) -> Application:
@@ -329,7 +306,8 @@ def _add_chat_routes(app: Application, docs: OpenAPIHandler, state: AppState) ->
 
     async def proxy(request: Request) -> Response:
         sid = _checked_id(request)
-        return await forward(state, sid, request.route_values.get("path") or "", request)
+        # aiohttp's timeouts need a task; the first step of a handler has none.
+        return await in_task(forward(state, sid, request.route_values.get("path") or "", request))
 
     m = state.metrics
     chat_ep = _timed(m, "POST", "/sessions/{id}/v1/chat/completions", chat)
