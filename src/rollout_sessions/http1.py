@@ -37,7 +37,6 @@ import collections
 import logging
 import signal
 import socket
-import time
 import types
 from collections.abc import Coroutine, Generator
 from email.utils import formatdate
@@ -65,7 +64,7 @@ MAX_PIPELINED = 32
 # kernel from resetting the connection before the client read the answer.
 LINGER_S = 2.0
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -75,24 +74,8 @@ _FRAMING = frozenset(
 )
 
 
-class _Clock:
-    """The ``Date`` header line, rebuilt at most once per second."""
-
-    __slots__ = ("second", "line")
-
-    def __init__(self) -> None:
-        self.second = -1
-        self.line = b""
-
-    def date_line(self) -> bytes:
-        now = int(time.time())
-        if now != self.second:
-            self.second = now
-            self.line = b"date: %s\r\n" % formatdate(now, usegmt=True).encode()
-        return self.line
-
-
-_clock = _Clock()
+def _date_line() -> bytes:
+    return b"date: %s\r\n" % formatdate(usegmt=True).encode()
 
 
 @types.coroutine
@@ -129,11 +112,18 @@ class Http1Server:
     """The connections of one listening socket, and their graceful stop."""
 
     def __init__(self, app: Application, max_body_bytes: int) -> None:
+        """Create it inside the running loop (it keeps the Date header fresh)."""
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.date = _date_line()  # the Date header, rebuilt every second
+        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    def _tick(self) -> None:
+        self.date = _date_line()
+        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     def __call__(self) -> Connection:
         """Protocol factory for ``loop.create_server``."""
@@ -158,10 +148,15 @@ class Http1Server:
             conn.abort()
         for task in list(self.tasks):
             task.cancel()
+        self._clock.cancel()
 
 
 class Connection(asyncio.Protocol):
-    """One client connection: parse, answer in order, close when told to."""
+    """One client connection: parse, answer in order, close when told to.
+
+    The common case is kept short: a request that arrives with nothing
+    queued before it is answered from ``on_message_complete`` directly.
+    """
 
     def __init__(self, server: Http1Server) -> None:
         self.server = server
@@ -173,7 +168,8 @@ class Connection(asyncio.Protocol):
         # The request being parsed.
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.header_bytes = 0
+        self.in_head = False  # between the request's first byte and its blank line
+        self.head_bytes = 0
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.refused = False  # a refusal answer is queued: parse nothing more
@@ -215,6 +211,13 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # after the last request (or lingering): drop what still arrives
+        if self.in_head:
+            # A head split over reads is counted whole here too: the parser
+            # buffers an unfinished header, and that must stay bounded.
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEADER_BYTES:
+                self._refuse(errors.headers_too_large(MAX_HEADER_BYTES))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -246,33 +249,33 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
-        self.header_bytes = 0
         self.body = []
         self.body_bytes = 0
+        self.in_head = True
+        self.head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.header_bytes += len(url)
-        if self.header_bytes > MAX_HEADER_BYTES:
-            self._refuse_and_stop(errors.headers_too_large(MAX_HEADER_BYTES))
+        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.header_bytes += len(name) + len(value) + 4
-        if self.header_bytes > MAX_HEADER_BYTES:
-            self._refuse_and_stop(errors.headers_too_large(MAX_HEADER_BYTES))
         self.headers.append((name.lower(), value))
+        self.head_bytes += len(name) + len(value)
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._refuse_and_stop(errors.headers_too_large(MAX_HEADER_BYTES))
 
     def on_headers_complete(self) -> None:
-        declared = _header_value(self.headers, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            # Refused before a byte of the body is read.
-            self._refuse_and_stop(errors.body_too_large(self.limit))
-        expect = _header_value(self.headers, b"expect")
-        if expect is not None and expect.lower() == b"100-continue":
-            # Only when it cannot overtake an earlier request's answer; a
-            # client that hears nothing sends its body after a short wait.
-            if not self.busy and not self.queue and self.transport is not None:
-                self.transport.write(_CONTINUE)
+        self.in_head = False
+        for name, value in self.headers:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.limit:
+                    # Refused before a byte of the body is read.
+                    self._refuse_and_stop(errors.body_too_large(self.limit))
+            elif name == b"expect" and value.lower() == b"100-continue":
+                # Only when it cannot overtake an earlier request's answer; a
+                # client that hears nothing sends its body after a short wait.
+                if not self.busy and not self.queue and self.transport is not None:
+                    self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.body_bytes += len(body)
@@ -296,11 +299,18 @@ class Connection(asyncio.Protocol):
         request.scope = self.scope
         if self.body:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            content_type = _header_value(self.headers, b"content-type")
-            request.content = Content(content_type or b"application/octet-stream", body)
+            content_type = b"application/octet-stream"
+            for name, value in self.headers:
+                if name == b"content-type":
+                    content_type = value
+                    break
+            request.content = Content(content_type, body)
         # HTTP/1.0 connections close after each answer (no keep-alive dialect).
         keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
-        self._enqueue(request, keep_alive, method == b"HEAD")
+        if keep_alive and not self.busy and not self.queue:
+            self._start(request, True, method == b"HEAD")
+        else:
+            self._enqueue(request, keep_alive, method == b"HEAD")
 
     # --- dispatch -------------------------------------------------------------
 
@@ -334,23 +344,29 @@ class Connection(asyncio.Protocol):
             item, keep_alive, head = self.queue.popleft()
             if isinstance(item, ApiError):
                 self._write(error_response(item), False, False, linger=True)
-                continue
-            coro = self.app.handle(item)
-            try:
-                first = coro.send(None)
-            except StopIteration as stop:
-                response = stop.value
-                if _streams(response):
-                    self._in_task(_ready(response), keep_alive, head)
-                else:
-                    self._write(response, keep_alive, head)
-                continue
-            except Exception:
-                log.exception("unhandled error answering %s %s", item.method, item.path)
-                self._write(error_response(errors.internal_error()), False, False)
-                continue
-            self._in_task(_resume(coro, first), keep_alive, head)
+            else:
+                self._start(item, keep_alive, head)
         self._update_reading()
+
+    def _start(self, request: Request, keep_alive: bool, head: bool) -> None:
+        """Answer ``request`` now if its handler never suspends, else leave a
+        task to finish it (and stay busy until then)."""
+        coro = self.app.handle(request)
+        try:
+            first = coro.send(None)
+        except StopIteration as stop:
+            response = stop.value
+            content = response.content
+            if content is not None and content.body is None:  # streamed
+                self._in_task(_ready(response), keep_alive, head)
+            else:
+                self._write(response, keep_alive, head)
+            return
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            self._write(error_response(errors.internal_error()), False, False)
+            return
+        self._in_task(_resume(coro, first), keep_alive, head)
 
     def _in_task(self, pending: Any, keep_alive: bool, head: bool) -> None:
         self.busy = True
@@ -361,7 +377,8 @@ class Connection(asyncio.Protocol):
     async def _finish(self, pending: Any, keep_alive: bool, head: bool) -> None:
         try:
             response = await pending
-            if _streams(response):
+            content = response.content
+            if content is not None and content.body is None:
                 await self._write_streamed(response, keep_alive, head)
             else:
                 self._write(response, keep_alive, head)
@@ -383,8 +400,8 @@ class Connection(asyncio.Protocol):
         connection stays open after this answer."""
         status = response.status
         lines = [
-            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown")),
-            _clock.date_line(),
+            _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown\r\n" % status,
+            self.server.date,
         ]
         for name, value in response.headers.items():
             key = name.lower()
@@ -393,7 +410,7 @@ class Connection(asyncio.Protocol):
                     keep_alive = False
                 continue
             lines.append(b"%s: %s\r\n" % (name, value))
-        if self.server.stopping or (self.closing and not self.queue):
+        if self.closing and not self.queue or self.server.stopping:
             keep_alive = False  # the last answer on this connection
         if not keep_alive:
             lines.append(b"connection: close\r\n")
