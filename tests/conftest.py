@@ -7,6 +7,7 @@
   backend).
 - ``echo_factory(latency_ms=0.0)`` starts ``rollout-sessions echo-backend``;
   ``echo_backend`` is a module-scoped one without latency.
+- ``Raw`` and ``request``: one TCP connection speaking HTTP/1.1 by hand.
 
 Environment variables ``ROLLOUT_SESSIONS_*`` of the outer environment are
 never inherited: only what a test passes in ``env`` reaches the server.
@@ -263,3 +264,61 @@ TOOLS = [
         },
     }
 ]
+
+
+class Raw:
+    """One TCP connection speaking HTTP/1.1 by hand."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def response(self, head: bool = False) -> tuple[int, dict[bytes, bytes], bytes]:
+        """The next answer: (status, headers, body); the body is framed by content-length."""
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                raise ConnectionError(f"closed before an answer; got {self.buf!r}")
+        raw_head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        status_line, *lines = raw_head.split(b"\r\n")
+        headers = {}
+        for line in lines:
+            name, value = line.split(b":", 1)
+            headers[name.strip().lower()] = value.strip()
+        status = int(status_line.split()[1])
+        length = 0 if head else int(headers.get(b"content-length", b"0"))
+        while len(self.buf) < length:
+            if not self._fill():
+                raise ConnectionError("closed inside a body")
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+    def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """True once the server closed the connection (nothing more to read)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self._fill():
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionResetError:
+            return True
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(method: str, path: str, body: bytes | None = None, *extra: str) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test", *extra]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")

@@ -8,74 +8,21 @@ the answers that end a connection (400, 413, 431).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from conftest import ServerProc, start_server
+from blacksheep import Application, Content, Request, Response, Router
+from blacksheep.contents import StreamedContent
+from conftest import Raw, ServerProc, request, start_server
+
+from rollout_sessions import http1
 
 CHAT = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}).encode()
 LIMIT = 1024
-
-
-class Raw:
-    """One TCP connection speaking HTTP/1.1 by hand."""
-
-    def __init__(self, url: str) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.buf = b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buf += data
-        return bool(data)
-
-    def response(self, head: bool = False) -> tuple[int, dict[bytes, bytes], bytes]:
-        """The next answer: (status, headers, body); the body is framed by content-length."""
-        while b"\r\n\r\n" not in self.buf:
-            if not self._fill():
-                raise ConnectionError(f"closed before an answer; got {self.buf!r}")
-        raw_head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        status_line, *lines = raw_head.split(b"\r\n")
-        headers = {}
-        for line in lines:
-            name, value = line.split(b":", 1)
-            headers[name.strip().lower()] = value.strip()
-        status = int(status_line.split()[1])
-        length = 0 if head else int(headers.get(b"content-length", b"0"))
-        while len(self.buf) < length:
-            if not self._fill():
-                raise ConnectionError("closed inside a body")
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status, headers, body
-
-    def closed_by_server(self, timeout: float = 5.0) -> bool:
-        """True once the server closed the connection (nothing more to read)."""
-        self.sock.settimeout(timeout)
-        try:
-            while self._fill():
-                pass
-        except TimeoutError:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def request(method: str, path: str, body: bytes | None = None, *extra: str) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", "Host: test", *extra]
-    if body is not None:
-        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +221,79 @@ def test_idle_keep_alive_connections_do_not_delay_shutdown() -> None:
         assert all(conn.closed_by_server(timeout=1) for conn in idle)
     finally:
         proc.cleanup()
+
+
+# --- in-process: a small app of our own, for what no route of the server does --------
+
+
+HITS: list[str] = []  # paths the in-process app's handlers ran for
+
+
+def _streaming_app() -> Application:
+    app = Application(router=Router())
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield b"a"
+        yield b"bb"
+
+    async def stream(request: Request) -> Response:
+        return Response(200, None, StreamedContent(b"text/plain", parts))
+
+    async def plain(request: Request) -> Response:
+        HITS.append(request.path)
+        return Response(200, None, Content(b"text/plain", b"plain"))
+
+    app.router.add_get("/stream", stream)
+    app.router.add_get("/plain", plain)
+    return app
+
+
+def exchange(raw: bytes, until: bytes | None = None) -> bytes:
+    """Send ``raw`` to the app served by ``http1.Http1Server``; read up to
+    ``until`` (or until the server closes)."""
+
+    async def run() -> bytes:
+        app = _streaming_app()
+        await app.start()
+        listener = await asyncio.get_running_loop().create_server(
+            http1.Http1Server(app, LIMIT), "127.0.0.1", 0
+        )
+        try:
+            port = listener.sockets[0].getsockname()[1]
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(raw)
+            read = reader.readuntil(until) if until else reader.read()
+            data = await asyncio.wait_for(read, 5)
+            writer.close()
+            return data
+        finally:
+            listener.close()
+            await app.stop()
+
+    return asyncio.run(run())
+
+
+def test_streamed_body_is_chunked_on_a_kept_connection() -> None:
+    out = exchange(request("GET", "/stream") + request("GET", "/plain"), until=b"\r\n\r\nplain")
+    first, second = out.split(b"0\r\n\r\n", 1)
+    assert b"transfer-encoding: chunked" in first
+    assert first.endswith(b"\r\n\r\n1\r\na\r\n2\r\nbb\r\n")
+    assert second.startswith(b"HTTP/1.1 200 OK\r\n")  # the connection stayed usable
+
+
+def test_streamed_body_to_http10_runs_to_the_close() -> None:
+    out = exchange(b"GET /stream HTTP/1.0\r\n\r\n")
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head
+    assert b"connection: close" in head
+    assert body == b"abb"
+
+
+def test_requests_pipelined_after_connection_close_are_not_run() -> None:
+    HITS.clear()
+    out = exchange(
+        request("GET", "/plain", None, "Connection: close") + request("GET", "/plain?again")
+    )
+    assert out.count(b"HTTP/1.1 ") == 1
+    assert out.endswith(b"plain")
+    assert HITS == ["/plain"]  # the handler never ran for the second request

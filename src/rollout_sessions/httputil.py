@@ -32,7 +32,9 @@ JSON_TYPE = b"application/json"
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole request body, or ApiError 413 once it exceeds ``limit`` bytes.
 
-    A declared Content-Length over the limit is refused before reading a byte;
+    Served by ``http1`` the body is already complete (and that layer refused
+    it if it was too large). Under an ASGI server (``app_from_env``): a
+    declared Content-Length over the limit is refused before reading a byte;
     otherwise chunks are received one by one and reading stops at the first
     chunk that crosses the limit (the ASGI server discards the rest), or as
     soon as the declared Content-Length has arrived. Read the body at most
@@ -56,14 +58,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     content = request.content
     if content is None:
         return b""
-    if content.body is not None:  # already read by someone else
+    if content.body is not None:  # complete already (http1, or read before)
         if len(content.body) > limit:
             raise errors.body_too_large(limit)
         return content.body
 
-    receive = getattr(content, "receive", None)
-    if receive is None:  # not an ASGI request (e.g. a test client): stream generically
-        return await _read_stream(request, limit)
+    receive = content.receive  # BlackSheep's ASGIContent
 
     first = b""
     parts: list[bytes] | None = None
@@ -90,18 +90,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         if total == declared or not message.get("more_body", False):
             break
     return b"".join(parts) if parts is not None else first
-
-
-async def _read_stream(request: Request, limit: int) -> bytes:
-    parts: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        if chunk:
-            total += len(chunk)
-            if total > limit:
-                raise errors.body_too_large(limit)
-            parts.append(chunk)
-    return b"".join(parts)
 
 
 def parse_json(body: bytes) -> Any:
