@@ -322,3 +322,17 @@ def request(method: str, path: str, body: bytes | None = None, *extra: str) -> b
     if body is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+@pytest.fixture
+def raw_factory() -> Iterator[Callable[[str], Raw]]:
+    """``raw_factory(url)``: a hand-spoken HTTP/1.1 connection, closed at teardown."""
+    made: list[Raw] = []
+
+    def factory(url: str) -> Raw:
+        made.append(Raw(url))
+        return made[-1]
+
+    yield factory
+    for conn in made:
+        conn.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from conftest import Raw, ServerProc, clean_env, free_port, request
@@ -42,10 +42,8 @@ def asgi() -> Iterator[ServerProc]:
 
 
 @pytest.fixture
-def raw(asgi: ServerProc) -> Iterator[Raw]:
-    conn = Raw(asgi.url)
-    yield conn
-    conn.close()
+def raw(asgi: ServerProc, raw_factory: Callable[[str], Raw]) -> Raw:
+    return raw_factory(asgi.url)
 
 
 def test_body_split_across_segments(asgi: ServerProc, raw: Raw) -> None:

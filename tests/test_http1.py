@@ -9,10 +9,11 @@ the answers that end a connection (400, 413, 431).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from blacksheep import Application, Content, Request, Response, Router
@@ -33,10 +34,8 @@ def srv() -> Iterator[ServerProc]:
 
 
 @pytest.fixture
-def raw(srv: ServerProc) -> Iterator[Raw]:
-    conn = Raw(srv.url)
-    yield conn
-    conn.close()
+def raw(srv: ServerProc, raw_factory: Callable[[str], Raw]) -> Raw:
+    return raw_factory(srv.url)
 
 
 def mint(srv: ServerProc) -> str:
@@ -152,6 +151,32 @@ def test_headers_over_the_limit_are_431(raw: Raw) -> None:
     assert status == 431
     assert json.loads(body) == {"error": "request headers exceed 65536 bytes"}
     assert raw.closed_by_server()
+
+
+def test_unfinished_header_is_cut_off_at_the_limit(srv: ServerProc, raw: Raw) -> None:
+    # A header value that never ends: the parser would buffer it forever.
+    raw.send(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Endless: ")
+    for _ in range(4):
+        time.sleep(0.05)
+        with contextlib.suppress(OSError):  # the answer may already have come
+            raw.send(b"a" * 30_000)
+    status, _, body = raw.response()
+    assert status == 431
+    assert json.loads(body) == {"error": "request headers exceed 65536 bytes"}
+    assert raw.closed_by_server()
+
+
+def test_split_head_followed_by_a_large_body_is_not_a_large_head(
+    server: ServerProc, raw_factory: Callable[[str], Raw]
+) -> None:
+    conn = raw_factory(server.url)
+    body = json.dumps({"session_id": "split-head-big-body", "pad": "x" * 200_000}).encode()
+    wire = request("POST", "/sessions", body)
+    conn.send(wire[:20])
+    time.sleep(0.05)
+    conn.send(wire[20:])  # the head's rest and 200 kB of body, in one write
+    status, _, answer = conn.response()
+    assert (status, json.loads(answer)) == (200, {"session_id": "split-head-big-body"})
 
 
 def test_head_answer_has_no_body(srv: ServerProc, raw: Raw) -> None:

@@ -168,8 +168,10 @@ class Connection(asyncio.Protocol):
         # The request being parsed.
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.in_head = False  # between the request's first byte and its blank line
-        self.head_bytes = 0
+        self.messages = 0  # requests begun on this connection
+        self.in_head = False  # between a request's first byte and its blank line
+        self.head_bytes = 0  # of the head, as parsed (exact: the 431 limit)
+        self.head_read = 0  # read after the chunk the head began in (bounds buffering)
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.refused = False  # a refusal answer is queued: parse nothing more
@@ -212,12 +214,25 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return  # after the last request (or lingering): drop what still arrives
         if self.in_head:
-            # A head split over reads is counted whole here too: the parser
-            # buffers an unfinished header, and that must stay bounded.
-            self.head_bytes += len(data)
-            if self.head_bytes > MAX_HEADER_BYTES:
-                self._refuse(errors.headers_too_large(MAX_HEADER_BYTES))
-                return
+            # The parser hands a header over only once it is complete and
+            # buffers it until then: bound what it may buffer. Bytes read
+            # while one request's head is unfinished all belong to that head.
+            room = MAX_HEADER_BYTES - self.head_read
+            if len(data) > room:
+                message = self.messages
+                self._feed(data[:room])
+                if self.in_head and self.messages == message:
+                    if not self.refused:
+                        self._refuse(errors.headers_too_large(MAX_HEADER_BYTES))
+                    return
+                data = data[room:]
+                if self.closing:
+                    return
+            else:
+                self.head_read += len(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -251,8 +266,10 @@ class Connection(asyncio.Protocol):
         self.headers = []
         self.body = []
         self.body_bytes = 0
+        self.messages += 1
         self.in_head = True
         self.head_bytes = 0
+        self.head_read = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
