@@ -261,8 +261,15 @@ def _streaming_app() -> Application:
         yield b"a"
         yield b"bb"
 
+    async def broken_parts() -> AsyncIterator[bytes]:
+        yield b"a"
+        raise RuntimeError("the producer failed")
+
     async def stream(request: Request) -> Response:
         return Response(200, None, StreamedContent(b"text/plain", parts))
+
+    async def broken(request: Request) -> Response:
+        return Response(200, None, StreamedContent(b"text/plain", broken_parts))
 
     async def plain(request: Request) -> Response:
         HITS.append(request.path)
@@ -270,6 +277,7 @@ def _streaming_app() -> Application:
 
     app.router.add_get("/stream", stream)
     app.router.add_get("/plain", plain)
+    app.router.add_get("/broken", broken)
     return app
 
 
@@ -287,8 +295,13 @@ def exchange(raw: bytes, until: bytes | None = None) -> bytes:
             port = listener.sockets[0].getsockname()[1]
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(raw)
-            read = reader.readuntil(until) if until else reader.read()
-            data = await asyncio.wait_for(read, 5)
+            if until:
+                data = await asyncio.wait_for(reader.readuntil(until), 5)
+            else:  # to the close (or the reset)
+                data = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                        data += chunk
             writer.close()
             return data
         finally:
@@ -312,6 +325,12 @@ def test_streamed_body_to_http10_runs_to_the_close() -> None:
     assert b"transfer-encoding" not in head
     assert b"connection: close" in head
     assert body == b"abb"
+
+
+def test_streamed_body_failing_midway_cuts_the_connection() -> None:
+    out = exchange(request("GET", "/broken") + request("GET", "/plain"))
+    assert out.endswith(b"\r\n\r\n1\r\na\r\n")  # no terminating chunk: visibly broken
+    assert b"plain" not in out.split(b"\r\n\r\n", 1)[1]
 
 
 def test_requests_pipelined_after_connection_close_are_not_run() -> None:

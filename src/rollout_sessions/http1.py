@@ -470,11 +470,20 @@ class Connection(asyncio.Protocol):
         lines.append(b"transfer-encoding: chunked\r\n\r\n" if keep_alive else b"\r\n")
         transport.write(b"".join(lines))
         if not head:
-            async for chunk in content.get_parts():
-                if transport.is_closing():
-                    return
-                if chunk:
-                    transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if keep_alive else chunk)
+            try:
+                async for chunk in content.get_parts():
+                    if transport.is_closing():
+                        return
+                    if chunk:
+                        transport.write(
+                            b"%x\r\n%s\r\n" % (len(chunk), chunk) if keep_alive else chunk
+                        )
+            except Exception:
+                # The head is out: no error answer can follow it. Cut the
+                # connection so the client sees a broken answer, not a short one.
+                log.exception("a streamed answer failed midway")
+                self.abort()
+                return
             if keep_alive:
                 transport.write(b"0\r\n\r\n")
         if not keep_alive:
