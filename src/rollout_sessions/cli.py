@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -127,13 +126,14 @@ def serve(settings: Settings) -> int:
 
     from rollout_sessions import http1
     from rollout_sessions.config import unknown_env_vars
+    from rollout_sessions.demo import free_port
     from rollout_sessions.server import app_for_serving
 
     logging.config.dictConfig(log_config(settings.log_level))
     echo_port = None
     if settings.upstream is None:
         # The app starts the echo backend on this port; say so first.
-        echo_port = _free_loopback_port()
+        echo_port = free_port()
         log.warning(
             "no upstream configured: using embedded echo backend at http://127.0.0.1:%d",
             echo_port,
@@ -157,12 +157,6 @@ def serve(settings: Settings) -> int:
         return 1
     log.info("stopped")
     return 0
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

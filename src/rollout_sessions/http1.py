@@ -68,6 +68,7 @@ _STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) f
 _METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_OCTETS = b"application/octet-stream"  # a body's type when none is declared
 # Response headers this layer writes itself (and `connection: close` is noted).
 _FRAMING = frozenset(
     {b"connection", b"content-length", b"transfer-encoding", b"date", b"keep-alive"}
@@ -172,6 +173,7 @@ class Connection(asyncio.Protocol):
         self.in_head = False  # between a request's first byte and its blank line
         self.head_bytes = 0  # of the head, as parsed (exact: the 431 limit)
         self.head_read = 0  # read after the chunk the head began in (bounds buffering)
+        self.content_type = _OCTETS
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.refused = False  # a refusal answer is queued: parse nothing more
@@ -264,6 +266,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.content_type = _OCTETS
         self.body = []
         self.body_bytes = 0
         self.messages += 1
@@ -284,7 +287,9 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         for name, value in self.headers:
-            if name == b"content-length":
+            if name == b"content-type":
+                self.content_type = value
+            elif name == b"content-length":
                 if value.isdigit() and int(value) > self.limit:
                     # Refused before a byte of the body is read.
                     self._refuse_and_stop(errors.body_too_large(self.limit))
@@ -318,12 +323,7 @@ class Connection(asyncio.Protocol):
         request.scope = self.scope
         if self.body:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            content_type = b"application/octet-stream"
-            for name, value in self.headers:
-                if name == b"content-type":
-                    content_type = value
-                    break
-            request.content = Content(content_type, body)
+            request.content = Content(self.content_type, body)
         # HTTP/1.0 connections close after each answer (no keep-alive dialect).
         keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         if keep_alive and not self.busy and not self.queue:
@@ -450,7 +450,7 @@ class Connection(asyncio.Protocol):
             body = content.body
             lines.append(
                 b"content-type: %s\r\ncontent-length: %d\r\n\r\n"
-                % (content.type or b"application/octet-stream", len(body))
+                % (content.type or _OCTETS, len(body))
             )
             if not head:
                 lines.append(body)
@@ -466,7 +466,7 @@ class Connection(asyncio.Protocol):
             return
         lines, keep_alive = self._head(response, keep_alive)
         content = response.content
-        lines.append(b"content-type: %s\r\n" % (content.type or b"application/octet-stream"))
+        lines.append(b"content-type: %s\r\n" % (content.type or _OCTETS))
         lines.append(b"transfer-encoding: chunked\r\n\r\n" if keep_alive else b"\r\n")
         transport.write(b"".join(lines))
         if not head:

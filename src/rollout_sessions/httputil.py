@@ -40,6 +40,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     soon as the declared Content-Length has arrived. Read the body at most
     once per request.
     """
+    content = request.content
+    if content is None:  # http1: the request had no body
+        return b""
+    if content.body is not None:  # complete already (http1, or read before)
+        if len(content.body) > limit:
+            raise errors.body_too_large(limit)
+        return content.body
+
+    # ASGI: the body is still to be received.
     length = request.get_first_header(b"content-length")
     declared = -1  # unknown (chunked)
     if length is not None:
@@ -54,14 +63,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     elif request.get_first_header(b"transfer-encoding") is None:
         # HTTP/1.1: neither header means there is no body.
         return b""
-
-    content = request.content
-    if content is None:
-        return b""
-    if content.body is not None:  # complete already (http1, or read before)
-        if len(content.body) > limit:
-            raise errors.body_too_large(limit)
-        return content.body
 
     receive = content.receive  # BlackSheep's ASGIContent
 
