@@ -240,14 +240,14 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # No protocol switch here: the request was answered as plain
             # HTTP; what follows the upgrade is not ours to parse.
-            self._last_request_read()
+            self.close_when_idle()
         except httptools.HttpParserError as exc:
             if not self.refused:  # a refusal stops the parser this way too
                 self._refuse(errors.malformed_request(str(exc)))
 
     def eof_received(self) -> bool | None:
         # The client sent all it will send: answer what it asked, then close.
-        self._last_request_read()
+        self.close_when_idle()
         if self.linger is None and (self.busy or self.queue):
             return True  # keep our side open for the answers still due
         return None  # nothing due: the transport closes
@@ -343,11 +343,6 @@ class Connection(asyncio.Protocol):
         if not self.refused:
             self._refuse(err)
         raise httptools.HttpParserCallbackError("request refused")
-
-    def _last_request_read(self) -> None:
-        self.closing = True
-        if not self.busy and not self.queue and self.linger is None:
-            self._close()
 
     def _enqueue(self, item: Request | ApiError, keep_alive: bool, head: bool) -> None:
         self.queue.append((item, keep_alive, head))
@@ -524,9 +519,12 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
     def close_when_idle(self) -> None:
-        """Graceful stop: end now if nothing is in progress, else after the
-        answers due (the last one says ``connection: close``)."""
-        self._last_request_read()
+        """No more requests (graceful stop, EOF, upgrade): end now if nothing
+        is in progress, else after the answers due (the last one says
+        ``connection: close``)."""
+        self.closing = True
+        if not self.busy and not self.queue and self.linger is None:
+            self._close()
 
     def abort(self) -> None:
         if self.transport is not None:
