@@ -13,7 +13,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,6 +35,11 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     allowed_append_roles: tuple[str, ...] = ("tool",)
     log_level: str = "info"
+    header_timeout_s: float = 30.0
+    keep_alive_s: float = 75.0
+    max_upstream_answer_bytes: int = 256 * 1024 * 1024
+    api_key: str | None = field(default=None, repr=False)
+    upstream_api_key: str | None = field(default=None, repr=False)
 
 
 class SettingsError(ValueError):
@@ -105,6 +110,15 @@ def _roles(raw: str) -> tuple[str, ...]:
         raise ValueError(f"must be a comma-separated list of role names, got {raw!r}")
     # Keep order, drop duplicates.
     return tuple(dict.fromkeys(roles))
+
+
+def _secret(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must be printable characters without spaces")
+    return value
 
 
 def _log_level(raw: str) -> str:
@@ -189,6 +203,38 @@ SPECS: tuple[_Spec, ...] = (
         "comma-separated roles a client may append after the last assistant message",
     ),
     _Spec("log_level", _log_level, "LEVEL", f"log level: {', '.join(LOG_LEVELS)}"),
+    _Spec(
+        "header_timeout_s",
+        _positive_float,
+        "SECONDS",
+        "a connection whose request head is not complete this long after it opened (or "
+        "after its first byte) is closed; a request body must arrive within it too (408)",
+    ),
+    _Spec(
+        "keep_alive_s",
+        _positive_float,
+        "SECONDS",
+        "a keep-alive connection idle this long after its last answer is closed",
+    ),
+    _Spec(
+        "max_upstream_answer_bytes",
+        _int_in(1),
+        "BYTES",
+        "largest accepted upstream answer (502 beyond; its connection is dropped)",
+    ),
+    _Spec(
+        "api_key",
+        _secret,
+        "KEY",
+        "when set, every route but /health needs 'Authorization: Bearer <KEY>' (else 401); "
+        "never forwarded upstream",
+    ),
+    _Spec(
+        "upstream_api_key",
+        _secret,
+        "KEY",
+        "sent upstream as 'Authorization: Bearer <KEY>' on every upstream call",
+    ),
 )
 
 _DEFAULTS = Settings()

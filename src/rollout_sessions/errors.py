@@ -51,19 +51,38 @@ def internal_error() -> ApiError:
     return ApiError(500, "internal server error")
 
 
-# --- chat turn and upstream proxy (chat worker) ---
+def unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized")
+
+
+def missing_host() -> ApiError:
+    return ApiError(400, "malformed HTTP request: an HTTP/1.1 request needs a Host header")
+
+
+def unsupported_transfer_encoding(value: str) -> ApiError:
+    return ApiError(501, f"unsupported transfer-encoding: {value} (only chunked is accepted)")
+
+
+def body_timeout(seconds: float) -> ApiError:
+    return ApiError(408, f"request body not complete within {seconds:g} s")
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
+    return ApiError(405, f"method {method} not allowed for {path}; allowed: {allowed}")
+
+
+# --- chat turn and upstream calls ---
 
 
 def invalid_chat_request(detail: str) -> ApiError:
     return ApiError(400, f"invalid chat request: {detail}")
 
 
-def rollback_refused(discard: int, diverge_at: int, stored: int, requested: int) -> ApiError:
+def rollback_refused(discard: int, stored: int, requested: int) -> ApiError:
     return ApiError(
         400,
-        f"rollback failed: the request diverges from the stored trajectory at message "
-        f"{diverge_at}, which would discard {discard} assistant turns (discard_count={discard}, "
-        f"at most 1 may be retried); stored has {stored} messages, request has {requested}",
+        f"rollback failed: discard_count={discard} exceeds max_assistant_rollback_steps=1 "
+        f"(stored has {stored} messages, request has {requested} messages)",
     )
 
 
@@ -78,9 +97,9 @@ def append_role_refused(index: int, role: object, allowed: tuple[str, ...]) -> A
 def checkpoint_mismatch(stored: int, received: int, first_diff: int) -> ApiError:
     return ApiError(
         500,
-        f"token checkpoint mismatch: the stored {stored} tokens are not a prefix of "
-        f"prompt_token_ids + completion ids ({received} tokens); first difference at index "
-        f"{first_diff}; the backend did not reuse the stored trajectory, turn not recorded",
+        f"pretokenized prefix mismatch: stored {stored} tokens are not a prefix of "
+        f"prompt_token_ids + completion_token_ids ({received} tokens), first mismatch at "
+        f"index {first_diff}; the backend did not extend the stored trajectory, turn not recorded",
     )
 
 
@@ -96,16 +115,9 @@ def upstream_malformed(detail: str) -> ApiError:
     return ApiError(502, f"malformed backend answer: {detail}")
 
 
+def upstream_too_large(limit: int) -> ApiError:
+    return ApiError(502, f"malformed backend answer: larger than {limit} bytes")
+
+
 def proxy_path_refused(path: str) -> ApiError:
     return ApiError(400, f"refused proxy path {path!r}: it would leave the upstream base")
-
-
-# --- HTTP framing (http1) ---
-
-
-def malformed_request(detail: str) -> ApiError:
-    return ApiError(400, f"malformed HTTP request: {detail}")
-
-
-def headers_too_large(limit: int) -> ApiError:
-    return ApiError(431, f"request headers exceed {limit} bytes")

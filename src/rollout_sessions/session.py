@@ -12,7 +12,7 @@ from typing import Any
 
 
 class Session:
-    __slots__ = ("_lock", "closing", "messages", "records", "checkpoints")
+    __slots__ = ("_lock", "closing", "messages", "records", "checkpoints", "ends")
 
     def __init__(self) -> None:
         self._lock: asyncio.Lock | None = None
@@ -21,6 +21,8 @@ class Session:
         self.messages: list[dict[str, Any]] | None = None
         self.records: list[dict[str, Any]] | None = None
         self.checkpoints: list[list[int]] | None = None
+        # Per turn: the message index just after its generated assistant message.
+        self.ends: list[int] | None = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -28,6 +30,11 @@ class Session:
         if lock is None:
             lock = self._lock = asyncio.Lock()
         return lock
+
+    @property
+    def lock_if_any(self) -> asyncio.Lock | None:
+        """The lock if a turn ever took it (an idle session has none)."""
+        return self._lock
 
     @property
     def num_assistant(self) -> int:

@@ -9,8 +9,8 @@ from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
     from rollout_sessions.metrics import Metrics
-    from rollout_sessions.proxy import Upstream
     from rollout_sessions.registry import Registry
+    from rollout_sessions.upstream import Upstream
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ extends its trajectory.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any
 
 from rollout_sessions import errors
@@ -95,16 +96,14 @@ def plan_turn(
         tail_start = n_stored
     else:
         # Diverges (or stops) inside the stored messages: roll back to the last
-        # assistant turn that is still shared.
-        keep = 0
-        tail_start = 0
-        for i in range(match):
-            if stored[i].get("role") == "assistant":
-                keep += 1
-                tail_start = i + 1
+        # generated assistant turn that is still shared. Assistant messages the
+        # client wrote itself (few-shot examples) are not turns.
+        ends = session.ends or []
+        keep = bisect_right(ends, match)
+        tail_start = ends[keep - 1] if keep else 0
         discard = num_assistant - keep
         if discard > MAX_ROLLBACK_STEPS:
-            raise errors.rollback_refused(discard, match, n_stored, len(messages))
+            raise errors.rollback_refused(discard, n_stored, len(messages))
     if keep:
         for i in range(tail_start, len(messages)):
             role = messages[i].get("role")
@@ -152,14 +151,18 @@ def commit_turn(
     """Record a turn on top of checkpoint ``keep`` (rolling back what lies after)."""
     checkpoints = session.checkpoints
     records = session.records
-    if checkpoints is None or records is None:
+    ends = session.ends
+    if checkpoints is None or records is None or ends is None:
         checkpoints = session.checkpoints = []
         records = session.records = []
+        ends = session.ends = []
     elif keep < len(checkpoints):
         del checkpoints[keep:]
         del records[keep:]
+        del ends[keep:]
     checkpoints.append(tokens)
     records.append(record)
+    ends.append(len(messages) + 1)  # just after this turn's assistant message
     stored = list(messages)
     stored.append(assistant)
     session.messages = stored

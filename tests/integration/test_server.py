@@ -367,9 +367,9 @@ def test_metrics(server: ServerProc) -> None:
 
 @pytest.fixture(scope="module")
 def small_server() -> ServerProc:
-    from conftest import start_server
+    from conftest import serve
 
-    srv = start_server(
+    srv = serve(
         "--max-body-bytes",
         "1024",
         "--tombstone-capacity",
@@ -593,7 +593,7 @@ def test_graceful_shutdown_with_request_in_flight(server_factory, echo_factory, 
 def test_restart_on_same_port_after_sigkill(server_factory) -> None:
     # A killed server frees its port at once, and nothing of it keeps
     # answering there with the old sessions.
-    from conftest import free_port
+    from rollout_sessions.testing.processes import free_port
 
     port = free_port()
     first = server_factory("--port", str(port), port=port)

@@ -56,7 +56,7 @@ def test_token_ids_extend_across_tool_turns():
             assert prompt[: len(previous)] == previous
             assert prompt == prompt_tokens(messages)
             meta = choice["meta_info"]
-            completion = [tid for _, tid in meta["output_token_logprobs"]]
+            completion = [entry[1] for entry in meta["output_token_logprobs"]]
             assert meta["completion_tokens"] == len(completion)
             assert answer["usage"]["completion_tokens"] == len(completion)
             previous = prompt + completion
@@ -118,12 +118,31 @@ def test_faults_and_status():
         else:
             raise AssertionError("close fault answered")
         try:
+            await fault("reset_mid_body")
+        except aiohttp.ClientError:
+            pass
+        else:
+            raise AssertionError("reset_mid_body fault answered")
+        try:
             async with asyncio.timeout(0.3):
                 await fault("hang")
         except TimeoutError:
             pass
         else:
             raise AssertionError("hang fault answered")
+
+    run(body)
+
+
+def test_input_ids_are_the_prompt():
+    async def body(echo: EchoBackend, http: aiohttp.ClientSession) -> None:
+        msgs = [{"role": "user", "content": "x"}]
+        status, answer = await chat(
+            echo, http, {"messages": msgs, "input_ids": [7, 8, 9], **FORCED}
+        )
+        assert status == 200
+        assert answer["choices"][0]["prompt_token_ids"] == [7, 8, 9]
+        assert answer["usage"]["prompt_tokens"] == 3
 
     run(body)
 

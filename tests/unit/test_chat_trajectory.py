@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from rollout_sessions.chat import parse_answer, sse_body
 from rollout_sessions.errors import ApiError
 from rollout_sessions.session import Session
 from rollout_sessions.trajectory import (
@@ -153,84 +152,6 @@ def test_check_prefix():
     with pytest.raises(ApiError) as err:
         check_prefix(s, 2, base[:-1] + [999, 7])
     assert err.value.status == 500
-    assert f"first difference at index {len(base) - 1}" in err.value.message
+    assert f"first mismatch at index {len(base) - 1}" in err.value.message
     with pytest.raises(ApiError):
         check_prefix(s, 2, base[:2])
-
-
-def _answer(**over) -> dict:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": "hi"},
-        "finish_reason": "stop",
-        "prompt_token_ids": [1, 2],
-        "meta_info": {"output_token_logprobs": [[-0.1, 5], [-0.2, 6]], "completion_tokens": 2},
-    }
-    choice.update(over)
-    return {"id": "x", "created": 1, "model": "m", "choices": [choice]}
-
-
-def test_parse_answer_builds_checkpoint():
-    import orjson
-
-    response, message, tokens = parse_answer(orjson.dumps(_answer()))
-    assert tokens == [1, 2, 5, 6]
-    assert response["choices"][0]["prompt_token_ids"] == [1, 2]  # not mutated
-    assert message == {"role": "assistant", "content": "hi"}
-
-
-@pytest.mark.parametrize(
-    ("answer", "needle"),
-    [
-        (b"nope", "not JSON"),
-        (b"[]", "not a JSON object"),
-        (b'{"choices": []}', "choices[0]"),
-        ("no_meta", "meta_info is missing"),
-        ("no_lp", "output_token_logprobs is missing"),
-        ("none_content", "content is None"),
-        ("mismatch", "completion_tokens=3 != len(output_token_logprobs)=2"),
-        ("bad_entry", "[logprob, token_id"),
-        ("no_prompt", "prompt_token_ids is missing"),
-    ],
-)
-def test_parse_answer_malformed(answer, needle):
-    import orjson
-
-    meta = {"output_token_logprobs": [[-0.1, 5], [-0.2, 6]], "completion_tokens": 2}
-    variants = {
-        "no_meta": _answer(meta_info=None),
-        "no_lp": _answer(meta_info={"completion_tokens": 0}),
-        "none_content": _answer(message={"role": "assistant", "content": None}),
-        "mismatch": _answer(meta_info={**meta, "completion_tokens": 3}),
-        "bad_entry": _answer(
-            meta_info={"output_token_logprobs": [[-0.1, "a"]], "completion_tokens": 1}
-        ),
-        "no_prompt": _answer(prompt_token_ids=None),
-    }
-    raw = answer if isinstance(answer, bytes) else orjson.dumps(variants[answer])
-    with pytest.raises(ApiError) as err:
-        parse_answer(raw)
-    assert err.value.status == 502
-    assert err.value.message.startswith("malformed backend answer: ")
-    assert needle in err.value.message
-
-
-def test_sse_body_shape():
-    import orjson
-
-    answer = _answer(
-        message={
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [{"id": "c", "type": "function"}],
-        }
-    )
-    answer["usage"] = {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
-    text = sse_body(answer, include_usage=True).decode()
-    events = [line[6:] for line in text.split("\n\n") if line]
-    assert events[-1] == "[DONE]"
-    chunks = [orjson.loads(e) for e in events[:-1]]
-    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert chunks[0]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
-    assert chunks[1]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[2]["choices"] == [] and chunks[2]["usage"]["total_tokens"] == 4

@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 import requests
-from conftest import ServerProc, free_port
+from conftest import ServerProc
 
-from rollout_sessions.proxy import safe_subpath
+from rollout_sessions.forwarding import safe_subpath
+from rollout_sessions.testing.processes import free_port
 
 
 def raw_request(srv: ServerProc, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, free_port
 
 from rollout_sessions.config import SPECS
+from rollout_sessions.testing.processes import clean_env, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30):

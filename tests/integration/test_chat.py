@@ -16,7 +16,10 @@ from typing import Any
 import orjson
 import pytest
 import requests
-from conftest import TOOLS, EchoProc, ServerProc, free_port, start_server
+from conftest import TOOLS, ServerProc, serve
+
+from rollout_sessions.testing.processes import ManagedProcess as EchoProc
+from rollout_sessions.testing.processes import free_port
 
 RECORD_KEYS = {"timestamp", "method", "path", "status_code", "request", "response"}
 
@@ -24,7 +27,7 @@ RECORD_KEYS = {"timestamp", "method", "path", "status_code", "request", "respons
 @pytest.fixture(scope="module")
 def strict_srv(echo: EchoProc) -> Iterator[ServerProc]:
     """Short upstream timeout, small body limit, system messages allowed after assistants."""
-    proc = start_server(
+    proc = serve(
         "--upstream",
         echo.url,
         "--upstream-timeout-s",
@@ -154,7 +157,7 @@ def test_multi_turn_tool_conversation_checkpoints_grow(srv: ServerProc, echo: Ec
 
         meta = session["metadata"]
         assert meta["num_assistant"] == turn + 1
-        completion = [tid for _, tid in choice["meta_info"]["output_token_logprobs"]]
+        completion = [entry[1] for entry in choice["meta_info"]["output_token_logprobs"]]
         assert meta["accumulated_token_ids"] == choice["prompt_token_ids"] + completion
         if checkpoints:
             previous = checkpoints[-1]
@@ -457,8 +460,8 @@ def test_upstream_slower_than_timeout_504(strict_srv: ServerProc):
 @pytest.mark.parametrize(
     ("fault", "needle"),
     [
-        ("no_meta_info", "meta_info is missing"),
-        ("no_logprobs", "output_token_logprobs is missing"),
+        ("no_meta_info", "meta_info and output_token_logprobs must be in"),
+        ("no_logprobs", "meta_info and output_token_logprobs must be in"),
         ("content_none", "content is None"),
         ("count_mismatch", "completion_tokens="),
         ("no_prompt_ids", "prompt_token_ids is missing"),
@@ -495,7 +498,7 @@ def test_checkpoint_mismatch_500_state_unchanged(srv: ServerProc):
     messages = [{"role": "user", "content": "one"}, a, {"role": "tool", "content": "t"}]
     resp = chat(srv, sid, messages, echo={"fault": "bad_prompt_ids"})
     assert resp.status_code == 500
-    assert resp.json()["error"].startswith("token checkpoint mismatch")
+    assert resp.json()["error"].startswith("pretokenized prefix mismatch")
     assert get(srv, sid).content == before
 
 

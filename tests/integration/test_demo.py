@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from rollout_sessions import demo
+from rollout_sessions.testing.processes import ManagedProcess, free_port, start_echo
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _tally(out: str) -> dict:
@@ -38,16 +39,16 @@ def test_demo_small_rollout_has_no_resurrection(capsys: pytest.CaptureFixture[st
 
 def test_demo_counts_resurrections_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     """Against the production-style reference with no tombstone room, retries come back."""
-    echo_port, ref_port = demo.free_port(), demo.free_port()
-    echo_url, ref_url = f"http://127.0.0.1:{echo_port}", f"http://127.0.0.1:{ref_port}"
-    echo = [sys.executable, "-m", "rollout_sessions.cli", "echo-backend", "--port", str(echo_port)]
-    ref = [sys.executable, str(BENCH / "reference_server.py"), "--port", str(ref_port)]
-    ref += ["--upstream", echo_url, "--tombstone-capacity", "0"]
-    with demo.server_process(echo, echo_url), demo.server_process(ref, ref_url):
-        rc = demo.main(
-            ["--url", ref_url, "--sessions", "20", "--concurrency", "4", "--turns", "1"]
-            + ["--ids", "minted", "--no-progress", "--json"]
-        )
+    ref_port = free_port()
+    with start_echo() as echo:
+        ref = [sys.executable, str(BENCH / "reference_server.py"), "--port", str(ref_port)]
+        ref += ["--upstream", echo.url, "--tombstone-capacity", "0"]
+        with ManagedProcess(ref, ref_port) as reference:
+            reference.wait_healthy()
+            rc = demo.main(
+                ["--url", reference.url, "--sessions", "20", "--concurrency", "4"]
+                + ["--turns", "1", "--ids", "minted", "--no-progress", "--json"]
+            )
     t = _tally(capsys.readouterr().out)
     assert rc == 1
     assert t["sessions"] == 20 and t["turns"] == 20

@@ -1,0 +1,60 @@
+"""The one place that reaches into aiohttp's internals (tested in tests/unit/test_adapters.py).
+
+aiohttp's pool hands an idle keep-alive connection to the next request as
+long as its socket is open. If the backend wrote an answer nobody asked for
+onto that idle connection (a bug, or a stale answer after a retry), aiohttp
+has already parsed and queued it, and the next request, a turn of another
+session, would receive it as its own answer. ``StrictResponseHandler``
+closes a connection the moment bytes arrive while no request of ours is
+waiting on it, so that connection is never reused.
+
+Internals used: ``ResponseHandler.set_response_params`` (called by aiohttp
+once per request, before it is sent), ``ResponseHandler.feed_data`` (called
+once per parsed answer with its body stream) and ``BaseConnector._factory``
+(the protocol factory of the pool). aiohttp is pinned below 4.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+
+
+class StrictResponseHandler(ResponseHandler):
+    """A pooled connection that refuses bytes nobody asked for."""
+
+    _awaiting = False  # a request was sent and its answer is not complete yet
+    _answer: Any = None  # body stream of the answer to that request, once parsed
+
+    def set_response_params(self, **kwargs: Any) -> None:
+        self._awaiting = True
+        self._answer = None
+        super().set_response_params(**kwargs)
+
+    def feed_data(self, data: Any, size: int = 0) -> None:
+        # Called once per parsed answer with (message, body stream).
+        if self._answer is None:
+            self._answer = data[1]
+        super().feed_data(data, size)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._awaiting:
+            # Idle in the pool: whatever this is, it answers no request of ours.
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        super().data_received(data)
+        answer = self._answer
+        if answer is not None and answer.is_eof():
+            self._awaiting = False  # complete: any further byte is unsolicited
+
+
+def strict_connector(**kwargs: Any) -> aiohttp.TCPConnector:
+    """An ``aiohttp.TCPConnector`` whose connections are ``StrictResponseHandler``s."""
+    connector = aiohttp.TCPConnector(**kwargs)
+    factory = connector._factory  # functools.partial(ResponseHandler, loop=loop)
+    connector._factory = lambda: StrictResponseHandler(*factory.args, **factory.keywords)
+    return connector

@@ -1,0 +1,111 @@
+"""The one place that reaches into uvicorn's internals (tested in tests/unit/test_adapters.py).
+
+``serve`` runs on uvicorn's httptools protocol: httptools (llhttp) parses,
+uvicorn frames, pipelines in order and applies flow control (a client that
+does not read its answers stops being read from). Three rules that uvicorn
+lacks are added here as policy around its protocol, through uvicorn's own
+hook for a protocol class (``Config(http=...)``); nothing here parses or
+frames HTTP:
+
+- **head deadline**: a connection whose request head is not complete
+  ``header_timeout_s`` after it opened (or, between requests, after the
+  first byte of the next head) is closed. uvicorn's keep-alive timer covers
+  the idle time between requests;
+- **head size**: a head still incomplete past ``MAX_HEAD_BYTES`` gets
+  uvicorn's 400 answer and the connection ends;
+- **connection cap**: past ``max_connections`` open connections a new one is
+  closed at once, so clients can never take the file descriptors the
+  upstream pool and the journal need;
+- ``Expect: 100-continue`` from an HTTP/1.0 client is not answered with an
+  interim ``100 Continue`` (HTTP/1.0 has no such thing).
+
+uvicorn names used: ``HttpToolsProtocol`` and its ``connections``,
+``parser``, ``transport``, ``cycle`` (``response_complete``),
+``expect_100_continue``, ``send_400_response`` and the parser callbacks.
+uvicorn is pinned below 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 64 * 1024
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a head deadline, a head size limit and a
+    connection cap (configured by ``guarded_protocol``)."""
+
+    header_timeout_s = 30.0
+    max_connections = 1 << 30
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # waiting for (the rest of) a request head
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.abort()  # over the cap: give the descriptor back now
+            return
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and self.parser is not None:
+            self._cancel_head_timer()
+            self.send_400_response("Request head too large.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        if self._head_timer is None:
+            self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._cancel_head_timer()
+        if self.parser.get_http_version() == "1.0":
+            self.expect_100_continue = False
+        super().on_headers_complete()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_deadline)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_deadline(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A pipelined head waits behind an answer in progress (reading is
+            # paused meanwhile): it is not the client's delay.
+            self._arm_head_timer()
+            return
+        self.transport.close()
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[HttpToolsProtocol]:
+    """The protocol class to give uvicorn as ``Config(http=...)``."""
+    return type(
+        "GuardedHttpToolsProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
+    )

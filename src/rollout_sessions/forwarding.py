@@ -1,0 +1,208 @@
+"""``* /sessions/{id}/{path}``: forwarded to ``{upstream}/{path}``, no session state touched.
+
+The request goes out unchanged (method, query, body, end-to-end headers)
+and the answer comes back unchanged, streamed when it is long or has no
+declared length. The sub-path is checked as sent and after every round of
+percent-decoding, so it can never leave the upstream base. A sub-path that
+decodes to the chat route is the chat route (``routing.chat_subpath``): the
+generic proxy never carries a chat turn.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+from blacksheep import Application, Content, Request, Response, StreamedContent
+from blacksheep.server.openapi.v3 import OpenAPIHandler
+
+from rollout_sessions import errors
+from rollout_sessions.errors import ApiError
+from rollout_sessions.openapi import ID_PARAM, PATH_PARAM, document
+from rollout_sessions.registry import validate_id
+from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
+from rollout_sessions.upstream import HOP_BY_HOP, Answer
+from rollout_sessions.web import endpoint, id_checked, query_string, read_body
+
+if TYPE_CHECKING:
+    from rollout_sessions.state import AppState
+
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+# The answer's own server and date would duplicate those our server sends.
+_NOT_PASSED_BACK = frozenset(h.encode() for h in HOP_BY_HOP) | {b"server", b"date"}
+# Answers up to this size are read whole and sent with their length; longer
+# ones, and those of unknown length (SSE), stream through.
+BUFFER_UP_TO = 1 << 20
+
+
+def client_headers(request: Request) -> list[tuple[str, str]]:
+    """The client's end-to-end headers (minus those its ``Connection`` names)."""
+    named: set[bytes] = set()
+    for value in request.headers.get(b"connection"):
+        named.update(token.strip().lower() for token in value.split(b","))
+    return [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in request.headers
+        if name.lower() not in named
+    ]
+
+
+def _answer_headers(answer: Answer) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    content_type = b"application/octet-stream"
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in answer.headers:
+        key = name.lower().encode("latin-1")
+        if key == b"content-type":
+            content_type = value.encode("latin-1")
+        elif key not in _NOT_PASSED_BACK:
+            headers.append((name.encode("latin-1"), value.encode("latin-1")))
+    return content_type, headers
+
+
+def passthrough(answer: Answer) -> Response:
+    """The upstream answer as-is, minus hop-by-hop and framing headers (and its
+    ``server`` and ``date``: ours are sent)."""
+    content_type, headers = _answer_headers(answer)
+    if answer.status in (204, 304) or answer.status < 200:
+        return Response(answer.status, headers, None)
+    return Response(answer.status, headers, Content(content_type, answer.body))
+
+
+def safe_subpath(raw: str) -> str | None:
+    """The sub-path if it stays under the upstream base, else ``None``.
+
+    ``raw`` is the path as the client sent it (percent-encoding intact). It is
+    checked as sent and after each round of percent-decoding, so ``..``,
+    ``%2e%2e``, ``%252e%252e``, ``//``, backslashes and schemes are all caught.
+    """
+    for current in decodings(raw):
+        if not _plain_subpath_ok(current):
+            return None
+    return raw
+
+
+def decodings(raw: str, rounds: int = 4) -> list[str]:
+    """``raw`` and each distinct percent-decoding of it, in order.
+
+    More than ``rounds`` rounds of decoding is refused (an empty list), rather
+    than guessed at.
+    """
+    out = [raw]
+    for _ in range(rounds):
+        decoded = unquote(out[-1])
+        if decoded == out[-1]:
+            return out
+        out.append(decoded)
+    return []
+
+
+def _plain_subpath_ok(path: str) -> bool:
+    if path.startswith("/") or "//" in path or "\\" in path:
+        return False
+    if any(ch < " " or ch == "\x7f" for ch in path):
+        return False
+    if _SCHEME_RE.match(path):
+        return False
+    return all(segment not in ("..", ".") for segment in path.split("/"))
+
+
+async def forward(state: AppState, raw_subpath: str, request: Request) -> Response:
+    """Forward one request; ``ApiError`` 400 (escaping path), 413, 502 or 504."""
+    sub = safe_subpath(raw_subpath)
+    if sub is None:
+        raise errors.proxy_path_refused(unquote(raw_subpath))
+    settings = state.settings
+    upstream = state.upstream
+    body = await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
+    url = upstream.url(sub, query_string(request))
+    headers = upstream.headers(client_headers(request), HOP_BY_HOP)
+    try:
+        head, chunks = await upstream.open_stream(request.method, url, headers, body or None)
+    except ApiError as exc:
+        state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
+        raise
+    length = _declared_length(head)
+    if head.status in (204, 304) or head.status < 200 or request.method == "HEAD":
+        await _drain(chunks)
+        return passthrough(head)
+    if length is not None and length <= BUFFER_UP_TO:
+        head.body = b"".join([chunk async for chunk in chunks])
+        return passthrough(head)
+    content_type, headers_out = _answer_headers(head)
+    return Response(head.status, headers_out, StreamedContent(content_type, lambda: chunks))
+
+
+def _declared_length(answer: Answer) -> int | None:
+    for name, value in answer.headers:
+        if name.lower() == "content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    async for _ in chunks:
+        pass
+
+
+def is_chat_subpath(raw: str) -> bool:
+    """Whether a sub-path, as sent or after any round of percent-decoding, is the chat route."""
+    return any(current.rstrip("/") == CHAT_SUBPATH for current in decodings(raw))
+
+
+PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+ChatHandler = Callable[["AppState", str, Request], Awaitable[Response]]
+
+
+def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: ChatHandler) -> None:
+    """``POST /sessions/{id}/v1/chat/completions`` (``chat``) and the generic proxy."""
+
+    async def chat_route(request: Request) -> Response:
+        return await chat(state, request.route_values["id"], request)
+
+    async def proxy_route(request: Request) -> Response:
+        sid = request.route_values["id"]
+        id_checked(validate_id, sid)
+        raw = raw_subpath(request)
+        if is_chat_subpath(raw):  # e.g. v1/chat/%63ompletions: still the chat route
+            if request.method != "POST":
+                raise errors.method_not_allowed(
+                    request.method, "/sessions/{id}" + CHAT_PATH, "POST"
+                )
+            return await chat(state, sid, request)
+        return await forward(state, raw, request)
+
+    m = state.metrics
+    chat_ep = document(
+        docs,
+        endpoint(m, "POST", "/sessions/{id}" + CHAT_PATH, chat_route),
+        summary="Chat turn through a session",
+        description="Forwarded to the upstream and recorded in the trajectory. A never-seen "
+        "id is auto-created; a deleted or closing one answers 404.",
+        tags=["chat"],
+        parameters=ID_PARAM,
+        responses={
+            200: "the upstream answer (JSON, or SSE when `stream: true`)",
+            400: "invalid id, malformed JSON or a trajectory that does not extend the session",
+            404: "deleted or closing",
+            413: "body too large",
+            502: "backend transport error or malformed backend answer",
+            504: "backend timeout",
+        },
+    )
+    app.router.add_post("/sessions/{id}" + CHAT_PATH, chat_ep)
+    for method in PROXY_METHODS:
+        ep = document(
+            docs,
+            endpoint(m, method, "/sessions/{id}/{path}", proxy_route),
+            summary="Forward to the upstream",
+            description="Forwarded to `{upstream}/{path}`; no session state is touched.",
+            tags=["proxy"],
+            parameters={**ID_PARAM, **PATH_PARAM},
+            responses={400: "invalid id or a path leaving the upstream base"},
+        )
+        app.router.add(method, "/sessions/{id}/{path:path}", ep)

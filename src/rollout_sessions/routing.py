@@ -1,0 +1,67 @@
+"""Route shapes: ``/sessions/{id}`` matched by shape, and the chat sub-path.
+
+BlackSheep's stock router tries a method's routes in turn, each a regex,
+behind an LRU cache keyed by path. Session ids are all different, so every
+GET/DELETE of a session would miss that cache and walk the regexes.
+``SessionRouter`` recognises ``/sessions/`` plus one segment first and
+matches there exactly what the stock route would (its regex is ``[^/]+``;
+the match decodes the value the same way); every other path goes to the
+stock matcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from blacksheep import Request, Response, Router
+from blacksheep.server.routing import Route, RouteMatch
+
+from rollout_sessions._blacksheep import raw_path
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+# The chat route below a session, and the same path as an upstream sub-path.
+CHAT_SUBPATH = "v1/chat/completions"
+CHAT_PATH = "/" + CHAT_SUBPATH
+SESSION_PREFIX = b"/sessions/"
+FALLBACK_PATTERN = b"*"  # the pattern of BlackSheep's fallback route
+
+
+class SessionRouter(Router):
+    """BlackSheep's router, with ``/sessions/{id}`` recognised by its shape first."""
+
+    ID_AT = len(SESSION_PREFIX)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_id: dict[str, Route] = {}
+
+    def add_by_id(self, method: str, handler: Handler) -> None:
+        """Register ``handler`` for ``method /sessions/{id}``."""
+        route = Route("/sessions/{id}", handler)
+        self.add_route(method, route)
+        self._by_id[method] = route
+
+    def get_match(self, request: Request) -> RouteMatch | None:
+        method = request.method
+        match = self._match(method, raw_path(request))
+        if method == "HEAD" and (match is None or match.pattern == FALLBACK_PATTERN):
+            # HEAD answers wherever GET does (the HTTP server sends no body).
+            match = self._match("GET", raw_path(request))
+        return match
+
+    def _match(self, method: str, path: bytes) -> RouteMatch | None:
+        if path.startswith(SESSION_PREFIX):
+            raw_id = path[self.ID_AT :]
+            if raw_id and b"/" not in raw_id:
+                route = self._by_id.get(method)
+                if route is not None:
+                    return RouteMatch(route, {"id": raw_id})
+        return self.get_match_by_method_and_path(method, path)
+
+
+def raw_subpath(request: Request) -> str:
+    """What follows ``/sessions/{id}/`` in the target, exactly as the client encoded it."""
+    path = raw_path(request)
+    end = path.find(b"/", len(SESSION_PREFIX))
+    return path[end + 1 :].decode("latin-1")

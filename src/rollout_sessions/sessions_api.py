@@ -1,0 +1,126 @@
+"""The session lifecycle: ``POST /sessions``, ``GET`` and ``DELETE /sessions/{id}``.
+
+- ``POST /sessions``: mint an id, or with a body ``{"session_id": id}``
+  create under that id (409 if live, 404 if deleted, 400 if invalid);
+- ``GET /sessions/{id}``: the trajectory; a never-seen id reads empty and
+  stays unknown (restart tolerance); a deleted id is 404;
+- ``DELETE /sessions/{id}``: 204; unknown, deleted or closing is 404. The
+  session is marked closing first (a chat turn arriving meanwhile gets 404),
+  then removed under its lock, which is held only for a turn's short locked
+  steps, never across an upstream call. The id never comes back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from blacksheep import Application, Request, Response
+from blacksheep.server.openapi.v3 import OpenAPIHandler
+
+from rollout_sessions import errors
+from rollout_sessions.openapi import ID_PARAM, document
+from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN
+from rollout_sessions.routing import SessionRouter
+from rollout_sessions.session import Session, empty_snapshot
+from rollout_sessions.web import (
+    endpoint,
+    id_checked,
+    json_response,
+    parse_json,
+    raw_json_response,
+    read_body,
+)
+
+if TYPE_CHECKING:
+    from rollout_sessions.state import AppState
+
+
+def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
+    registry = state.registry
+    settings = state.settings
+    mint, create, lookup, remove = registry.mint, registry.create, registry.lookup, registry.remove
+
+    async def create_session(request: Request) -> Response:
+        body = await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
+        sid = None
+        if body:
+            data = parse_json(body)
+            if type(data) is not dict:
+                raise errors.bad_json("expected a JSON object")
+            sid = data.get("session_id")
+        if sid is None:
+            # Minted ids are 32 hex digits: no escaping needed.
+            return raw_json_response(b'{"session_id":"%s"}' % mint(Session()).encode())
+        outcome = id_checked(create, sid, Session())
+        if outcome is CREATED:
+            return json_response({"session_id": sid})
+        if outcome is LIVE:
+            raise errors.session_exists(sid)
+        raise errors.session_not_found(sid)
+
+    async def get_session(request: Request) -> Response:
+        sid = request.route_values["id"]
+        session = id_checked(lookup, sid)
+        if session is NEVER_SEEN:
+            return json_response(empty_snapshot(sid))
+        if session is DELETED:
+            raise errors.session_not_found(sid)
+        return json_response(session.snapshot(sid))
+
+    async def delete_session(request: Request) -> Response:
+        sid = request.route_values["id"]
+        session = id_checked(lookup, sid)
+        if session is NEVER_SEEN or session is DELETED or session.closing:
+            raise errors.session_not_found(sid)
+        session.closing = True
+        # A session that never chatted has no lock: don't create one just to
+        # delete it (idle sessions stay allocation-free).
+        lock = session.lock_if_any
+        if lock is not None:
+            async with lock:
+                remove(sid, expected=session)
+        else:
+            remove(sid, expected=session)
+        return Response(204)
+
+    m = state.metrics
+    create_ep = document(
+        docs,
+        endpoint(m, "POST", "/sessions", create_session),
+        summary="Create a session",
+        description="Mint a new id, or create under the id of an optional body "
+        '`{"session_id": "<id>"}`.',
+        tags=["sessions"],
+        responses={
+            200: '`{"session_id": "<id>"}`',
+            400: "invalid id or malformed JSON",
+            404: "the id was deleted",
+            409: "the id is live",
+            413: "body too large",
+        },
+    )
+    get_ep = document(
+        docs,
+        endpoint(m, "GET", "/sessions/{id}", get_session),
+        summary="Read a session's trajectory",
+        tags=["sessions"],
+        parameters=ID_PARAM,
+        responses={
+            200: '`{"session_id", "records", "metadata"}`; a never-seen id reads empty',
+            400: "invalid id",
+            404: "the id was deleted",
+        },
+    )
+    delete_ep = document(
+        docs,
+        endpoint(m, "DELETE", "/sessions/{id}", delete_session),
+        summary="Delete a session",
+        description="The id never comes back: later chat, GET and DELETE of it answer 404.",
+        tags=["sessions"],
+        parameters=ID_PARAM,
+        responses={204: "deleted", 400: "invalid id", 404: "unknown, deleted or closing"},
+    )
+    app.router.add_post("/sessions", create_ep)
+    router: SessionRouter = app.router  # type: ignore[assignment]
+    router.add_by_id("GET", get_ep)
+    router.add_by_id("DELETE", delete_ep)

@@ -1,0 +1,141 @@
+"""Request bodies and JSON answers, shared by every route.
+
+Kept free of framework machinery on purpose: these run on every request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import orjson
+from blacksheep import Content, Request, Response
+from blacksheep.exceptions import MessageAborted
+
+from rollout_sessions import errors
+from rollout_sessions.errors import ApiError
+
+if TYPE_CHECKING:
+    from rollout_sessions.metrics import Metrics
+
+T = TypeVar("T")
+Handler = Callable[[Request], Awaitable[Response]]
+
+JSON_TYPE = b"application/json"
+
+# Answers after which the rest of the request may be unread: the connection
+# must not be reused.
+_CLOSE_AFTER = frozenset({408, 413})
+
+
+def endpoint(metrics: Metrics, method: str, template: str, handler: Handler) -> Handler:
+    """``handler`` as a route: ``ApiError`` becomes its JSON answer, latency a histogram.
+
+    Every handler takes only ``request`` and is annotated ``-> Response``, so
+    BlackSheep calls it directly (no binders, no output wrapper).
+    """
+    observe = metrics.route(method, template).observe
+    count_error = metrics.responses.inc
+
+    async def route(request: Request) -> Response:
+        start = perf_counter()
+        try:
+            return await handler(request)
+        except ApiError as err:
+            count_error(str(err.status))
+            return error_response(err)
+        finally:
+            observe(perf_counter() - start)
+
+    route.__name__ = handler.__name__
+    route.__doc__ = handler.__doc__
+    return route
+
+
+def id_checked(op: Callable[..., T], session_id: str, *args: Any) -> T:
+    """``op(session_id, *args)`` for a registry operation; the registry's
+    ValueError for an invalid id becomes the 400 answer."""
+    try:
+        return op(session_id, *args)
+    except ValueError as exc:
+        raise errors.invalid_session_id(str(exc)) from None
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole request body; ApiError 413 past ``limit`` bytes, 408 after ``timeout_s``.
+
+    A declared Content-Length over the limit is refused before a byte is
+    read; otherwise reading stops at the first chunk that crosses it. Chunks
+    are gathered in one growing buffer, so a body sent in tiny chunks costs
+    its size, not an object per chunk. Read the body at most once.
+    """
+    length = request.get_first_header(b"content-length")
+    if length is not None:
+        if length == b"0":
+            return b""
+        if int(length) > limit:  # the HTTP server validated the number
+            raise errors.body_too_large(limit)
+    elif request.get_first_header(b"transfer-encoding") is None:
+        return b""  # HTTP/1.1: neither header means there is no body
+    content = request.content
+    if content is None:
+        return b""
+    if content.body is not None:  # read before
+        return content.body
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _gather(content, limit)
+    except TimeoutError:
+        raise errors.body_timeout(timeout_s) from None
+    except MessageAborted:
+        raise errors.client_disconnected() from None
+
+
+async def _gather(content: Content, limit: int) -> bytes:
+    first = b""
+    buf: bytearray | None = None
+    async for chunk in content.stream():
+        if not chunk:
+            continue
+        if buf is not None:
+            buf += chunk
+        elif first:
+            buf = bytearray(first)
+            buf += chunk
+        else:
+            first = chunk  # most bodies arrive in one piece: no copy then
+        if len(buf if buf is not None else first) > limit:
+            raise errors.body_too_large(limit)
+    return bytes(buf) if buf is not None else first
+
+
+def query_string(request: Request) -> str:
+    """The request's query string as sent, ``""`` if none."""
+    query = request.url.query
+    return query.decode("latin-1") if query else ""
+
+
+def parse_json(body: bytes) -> Any:
+    """Decode a JSON body; ApiError 400 (``invalid JSON body: ...``) otherwise."""
+    if not body:
+        raise errors.bad_json("empty body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.bad_json(str(exc)) from None
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(status, None, Content(JSON_TYPE, orjson.dumps(obj)))
+
+
+def raw_json_response(body: bytes, status: int = 200) -> Response:
+    """A response from already-serialised JSON bytes."""
+    return Response(status, None, Content(JSON_TYPE, body))
+
+
+def error_response(err: ApiError) -> Response:
+    headers = [(b"connection", b"close")] if err.status in _CLOSE_AFTER else None
+    return Response(err.status, headers, Content(JSON_TYPE, orjson.dumps({"error": err.message})))

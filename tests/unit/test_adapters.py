@@ -1,0 +1,163 @@
+"""The three modules that use a library's internals, each tested on its own, in
+process: if an upgrade of BlackSheep, aiohttp or uvicorn moves a name they
+rely on, these fail first and say which."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import aiohttp
+import pytest
+import uvicorn
+from blacksheep import Request
+
+from rollout_sessions._aiohttp import StrictResponseHandler, strict_connector
+from rollout_sessions._blacksheep import document_without_binders, raw_path
+from rollout_sessions._uvicorn import GuardedHttpToolsProtocol, guarded_protocol
+
+# --- BlackSheep --------------------------------------------------------------------------
+
+
+def test_raw_path_is_the_undecoded_target_path():
+    request = Request.incoming("GET", b"/sessions/a%2Fb/x", b"q=1", [])
+    assert raw_path(request) == b"/sessions/a%2Fb/x"
+
+
+def test_document_without_binders_sets_an_empty_binder_list():
+    async def handler(request: Request) -> None: ...
+
+    document_without_binders(handler)
+    assert handler.binders == []  # type: ignore[attr-defined]
+
+
+# --- aiohttp -----------------------------------------------------------------------------
+
+
+def _answer(body: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class _Stray(asyncio.Protocol):
+    """Answers each request with its number, then a stray answer 0.1 s later."""
+
+    count = 0
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):
+            _Stray.count += 1
+            self.transport.write(_answer(b"%d" % _Stray.count))
+            asyncio.get_running_loop().call_later(0.1, self.transport.write, _answer(b"stray"))
+
+
+def test_a_pooled_connection_that_receives_unasked_bytes_is_never_reused():
+    async def main() -> list[bytes]:
+        server = await asyncio.get_running_loop().create_server(_Stray, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        got = []
+        connector = strict_connector(limit=1)
+        assert connector._factory().__class__ is StrictResponseHandler
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(3):
+                async with session.get(f"http://127.0.0.1:{port}/") as resp:
+                    got.append(await resp.read())
+                await asyncio.sleep(0.3)
+        server.close()
+        return got
+
+    assert asyncio.run(main()) == [b"1", b"2", b"3"]
+
+
+# --- uvicorn -----------------------------------------------------------------------------
+
+
+async def _app(scope: dict, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def _run_uvicorn(protocol: type, check: Any) -> Any:
+    async def main() -> Any:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        config = uvicorn.Config(
+            _app, port=port, http=protocol, lifespan="off", log_config=None, access_log=False
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            return await check(port)
+        finally:
+            server.should_exit = True
+            await task
+
+    return asyncio.run(main())
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.read(), True
+    except TimeoutError:
+        return b"", False
+
+
+def test_silent_connection_is_closed_at_the_head_deadline():
+    async def check(port: int) -> tuple[bool, float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, closed = await _read_until_closed(reader, 2.0)
+        writer.close()
+        return closed, loop.time() - started
+
+    closed, elapsed = _run_uvicorn(guarded_protocol(0.3, 100), check)
+    assert closed and 0.25 <= elapsed < 1.5
+
+
+def test_http10_expect_gets_no_interim_answer():
+    async def check(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
+        data, _ = await _read_until_closed(reader, 2.0)
+        writer.close()
+        return data
+
+    data = _run_uvicorn(GuardedHttpToolsProtocol, check)
+    assert data.startswith(b"HTTP/1.1 200") and b"100 Continue" not in data
+
+
+def test_connections_past_the_cap_are_closed_at_once():
+    async def check(port: int) -> list[bool]:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        closed = []
+        for reader, writer in conns:
+            _, was_closed = await _read_until_closed(reader, 0.3)
+            closed.append(was_closed)
+            writer.close()
+        return closed
+
+    assert _run_uvicorn(guarded_protocol(30.0, 2), check) == [False, False, True, True]
+
+
+@pytest.mark.parametrize("size", [70 * 1024])
+def test_a_head_over_the_limit_is_refused(size: int):
+    async def check(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * size)
+        data, _ = await _read_until_closed(reader, 2.0)
+        writer.close()
+        return data
+
+    assert _run_uvicorn(GuardedHttpToolsProtocol, check).startswith(b"HTTP/1.1 400")
