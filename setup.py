@@ -1,13 +1,16 @@
-"""Builds the Cython registry (csrc/) into rollout_sessions._registry."""
+"""Builds the Cython registry (src/rollout_sessions/registry/) into
+rollout_sessions.registry._registry; its C core is in registry/includes/."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+REGISTRY = "src/rollout_sessions/registry"
+
 extensions = [
     Extension(
-        "rollout_sessions._registry",
-        sources=["csrc/_registry.pyx"],
-        include_dirs=["csrc"],
+        "rollout_sessions.registry._registry",
+        sources=[f"{REGISTRY}/_registry.pyx"],
+        include_dirs=[f"{REGISTRY}/includes"],
         extra_compile_args=["-O3"],
     )
 ]
@@ -15,7 +18,10 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["src", "csrc"],
+        include_path=["src"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
-    )
+    ),
+    package_data={
+        "rollout_sessions.registry": ["*.pxd", "*.pyi", "includes/*.pxd", "includes/*.h"]
+    },
 )

@@ -42,7 +42,7 @@ from benchutil import (  # noqa: E402
 
 
 async def _fill(url: str, n: int, clients: int = 32) -> None:
-    from rollout_sessions.demo import HttpClient, create_session
+    from httpload import HttpClient, create_session
 
     left = [n]
 

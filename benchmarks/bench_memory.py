@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import uvloop
 
-from rollout_sessions.demo import HttpClient, create_session, free_port, serve_argv, server_process
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from httpload import HttpClient, create_session  # noqa: E402
+
+from rollout_sessions.testing.processes import ManagedProcess, free_port, serve_argv  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,7 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with server_process(serve_argv(port), url) as server:
+    with ManagedProcess(serve_argv(port, "--log-level", "warning"), port) as server:
+        server.wait_healthy()
         proc = psutil.Process(server.pid)
         uvloop.run(create_many(url, 20_000, args.concurrency))
         before = settle_rss(proc)

@@ -1,6 +1,6 @@
 """Shared plumbing of the HTTP benchmarks: servers, the load generator, output.
 
-Servers run as subprocesses (``rollout_sessions.demo.server_process``); the
+Servers run as subprocesses (``rollout_sessions.testing.processes``); the
 load generator runs as its own process (``benchmarks/loadgen.py``) so its CPU
 is never the server's; results go to JSON under ``benchmarks/results/``.
 """
@@ -12,12 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rollout_sessions.demo import free_port, serve_argv, server_process
+from rollout_sessions.testing.processes import ManagedProcess, free_port, serve_argv
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -41,28 +40,36 @@ def echo_argv(port: int, latency_ms: float = 0.0) -> list[str]:
 def started(
     name: str, argv_for_port: Any, url: str | None = None, health_path: str | None = "/health"
 ) -> Iterator[str]:
-    """Yield the base URL of a server: ``url`` if given, else a subprocess we start.
+    """Yield the base URL of a server: ``url`` if given, else a subprocess we start
+    (its log's tail is printed if it fails)."""
+    with started_process(name, argv_for_port, url, health_path) as proc:
+        yield proc.url if proc is not None else url.rstrip("/")  # type: ignore[union-attr]
 
-    The subprocess's output goes to a temporary log, printed if it fails.
-    """
+
+@contextlib.contextmanager
+def started_process(
+    name: str, argv_for_port: Any, url: str | None = None, health_path: str | None = "/health"
+) -> Iterator[ManagedProcess | None]:
+    """Like ``started``, but yields the process itself (``None`` for a given ``url``)."""
     if url:
-        yield url.rstrip("/")
+        yield None
         return
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with ManagedProcess(argv_for_port(port), port, env=dict(os.environ)) as proc:
         try:
-            with server_process(argv_for_port(port), url, log=log, health_path=health_path):
-                yield url
+            proc.wait_healthy(health_path)
+            yield proc
         except Exception:
-            log.seek(0)
-            tail = log.read()[-4000:]
-            print(f"--- {name} log (tail) ---\n{tail}", file=sys.stderr)
+            print(f"--- {name} log (tail) ---\n{proc.log()[-4000:]}", file=sys.stderr)
             raise
 
 
-def ours_argv(upstream: str | None = None):
-    return lambda port: serve_argv(port, upstream)
+def ours_argv(upstream: str | None = None, *flags: str):
+    def argv(port: int) -> list[str]:
+        extra = ["--upstream", upstream] if upstream else []
+        return serve_argv(port, "--log-level", "warning", *extra, *flags)
+
+    return argv
 
 
 def run_loadgen(*args: str, timeout: float = 900.0) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Load generator: many concurrent HTTP clients over loopback, in its own process.
 
-Two scenarios, each bounded by a count *and* a duration, each printing one
+Three scenarios, each bounded by a count *and* a duration, each printing one
 JSON line (and a human line on stderr):
 
     # per session: POST /sessions, GET /sessions/{id}, DELETE /sessions/{id}
@@ -11,8 +11,12 @@ JSON line (and a human line on stderr):
     python benchmarks/loadgen.py chat --url http://127.0.0.1:8000 \
         --concurrency 64 --duration 10 --turns-per-session 8
 
-Every client holds one keep-alive connection (the raw-asyncio driver shared
-with ``rollout-sessions demo``, ``rollout_sessions.demo``), runs on uvloop,
+    # realistic turns (against benchmarks/realistic_backend.py): 8 turns per
+    # session, 400-word tool results, history growing, then GET and DELETE
+    python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
+        --concurrency 64 --duration 10 [--keep --sessions 500]
+
+Every client holds one keep-alive connection (``httpload.HttpClient``), runs on uvloop,
 and times each request with ``perf_counter_ns``. Requests that finish during
 the warm-up are not counted. Only loopback targets are accepted.
 """
@@ -25,20 +29,22 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from rollout_sessions.demo import (
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from httpload import (  # noqa: E402
     HttpClient,
     HttpError,
     chat_turn,
     check_loopback,
     create_session,
     delete_session,
-    first_messages,
     get_session,
-    next_messages,
     percentile,
 )
+
+from rollout_sessions.testing.client import first_messages, next_messages  # noqa: E402
 
 
 @dataclass
@@ -172,6 +178,56 @@ async def _chat_client(
         await client.close()
 
 
+async def _realistic_client(
+    url: str, rec: Recorder, budget: list[int], a: argparse.Namespace, sessions: list[int]
+) -> None:
+    """Sessions of ``a.turns`` realistic turns: a 400-word tool result after each
+    answer, the history growing; then GET and DELETE (unless ``a.keep``).
+    Only chat turns are timed; every request counts in the server's CPU."""
+    client = HttpClient.for_url(url, timeout=300.0)
+    ns = time.perf_counter_ns
+    tool = " ".join(f"t{i % 991}" for i in range(a.tool_words))
+    try:
+        while budget[0] > 0 and ns() < rec.t_stop and sessions[0] > 0:
+            sessions[0] -= 1
+            try:
+                status, sid = await create_session(client)
+                if status != 200:
+                    rec.error(f"create: {status}")
+                    continue
+                messages: list[dict[str, Any]] = [
+                    {"role": "system", "content": "You are an agent."},
+                    {"role": "user", "content": "solve " + tool},
+                ]
+                for k in range(a.turns):
+                    budget[0] -= 1
+                    body = json.dumps({"model": "m", "messages": messages}).encode()
+                    t0 = ns()
+                    status, data = await client.request(
+                        "POST", f"/sessions/{sid}/v1/chat/completions", body
+                    )
+                    t1 = ns()
+                    if status != 200:
+                        rec.error(f"chat {sid} turn {k}: {status} {data[:160]!r}")
+                        break
+                    rec.add("turn", t0, t1)
+                    if t0 >= rec.t_start:
+                        rec.units += 1
+                    content = json.loads(data)["choices"][0]["message"]["content"]
+                    messages = [
+                        *messages,
+                        {"role": "assistant", "content": content},
+                        {"role": "tool", "content": f"{k} {tool}"},
+                    ]
+                if not a.keep:
+                    await get_session(client, sid)
+                    await delete_session(client, sid)
+            except HttpError as e:
+                rec.error(str(e))
+    finally:
+        await client.close()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     now = time.perf_counter_ns()
     rec = Recorder(
@@ -180,6 +236,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     budget = [args.max_units]  # shared countdown: clients stop at zero
     if args.scenario == "lifecycle":
         clients = [_lifecycle_client(args.url, rec, budget) for _ in range(args.concurrency)]
+    elif args.scenario == "realistic":
+        sessions = [args.sessions or 1 << 62]
+        clients = [
+            _realistic_client(args.url, rec, budget, args, sessions)
+            for _ in range(args.concurrency)
+        ]
     else:
         clients = [
             _chat_client(args.url, rec, budget, args.direct, args.turns_per_session, i)
@@ -201,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="scenario", required=True)
-    for name in ("lifecycle", "chat"):
+    for name in ("lifecycle", "chat", "realistic"):
         s = sub.add_parser(name)
         s.add_argument("--url", required=True, help="server base URL (loopback only)")
         s.add_argument("--concurrency", type=int, default=64, help="concurrent clients")
@@ -216,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "chat":
             s.add_argument("--direct", action="store_true", help="call the backend's own route")
             s.add_argument("--turns-per-session", type=int, default=8)
+        if name == "realistic":
+            s.add_argument("--turns", type=int, default=8, help="turns per session")
+            s.add_argument("--tool-words", type=int, default=400, help="words per tool result")
+            s.add_argument(
+                "--sessions", type=int, default=0, help="stop after this many (0: no limit)"
+            )
+            s.add_argument("--keep", action="store_true", help="never GET or DELETE (memory study)")
     return p
 
 

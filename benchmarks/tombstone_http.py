@@ -15,15 +15,9 @@ from dataclasses import dataclass
 
 import uvloop
 from benchutil import ours_argv, reference_argv, started
+from httpload import HttpClient, chat_turn, create_session, delete_session, get_session
 
-from rollout_sessions.demo import (
-    HttpClient,
-    chat_turn,
-    create_session,
-    delete_session,
-    first_messages,
-    get_session,
-)
+from rollout_sessions.testing.client import first_messages
 
 
 async def _fan_out(

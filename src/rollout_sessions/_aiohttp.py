@@ -40,7 +40,8 @@ class StrictResponseHandler(ResponseHandler):
         super().feed_data(data, size)
 
     def data_received(self, data: bytes) -> None:
-        if not self._awaiting:
+        # aiohttp itself calls this with b"" to resume a paused body.
+        if data and not self._awaiting:
             # Idle in the pool: whatever this is, it answers no request of ours.
             self.force_close()
             if self.transport is not None:

@@ -6,7 +6,9 @@ first defect (an ``ApiError`` 502): ``choices[0].message`` with a string
 absent or a string, ``choices[0].prompt_token_ids`` a list of token ids,
 ``choices[0].meta_info.output_token_logprobs`` a list of
 ``[logprob, token_id, ...]`` with ``completion_tokens`` equal to its length.
-A token id is an integer in ``[0, 2**31)``; a logprob is a number.
+A token id is an integer in ``[0, 2**31)``; a logprob is a number. Token
+ids come back as int32 arrays and logprobs as float32: what the trajectory
+keeps.
 
 ``sse_body`` renders a complete answer as the short SSE stream a client that
 asked for ``stream: true`` gets.
@@ -15,19 +17,22 @@ asked for ``stream: true`` gets.
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import orjson
 
 from rollout_sessions import errors
 
 MAX_TOKEN_ID = 2**31 - 1
+TOKEN_TYPECODE = "i"  # token ids are stored as int32
+LOGPROB_TYPECODE = "f"  # logprobs as float32
 _NO_LOGPROBS = (
     "meta_info and output_token_logprobs must be in choices[0] "
     "(the backend must honour return_meta_info=true and logprobs=true)"
 )
-_INT = {int}
 _NUMBER_TYPES = frozenset({int, float})
 
 
@@ -35,22 +40,29 @@ _NUMBER_TYPES = frozenset({int, float})
 class ParsedAnswer:
     response: dict[str, Any]
     message: dict[str, Any]
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    logprobs: list[float]
+    prompt_ids: array  # int32
+    completion_ids: array  # int32
+    logprobs: array  # float32, one per completion id
 
 
-def _token_ids(values: Any, where: str) -> None:
-    """``ApiError`` 502 unless ``values`` (a list) holds only ids in range."""
-    if not values:
-        return
-    # set(map(type, ...)) runs in C: no per-token Python bytecode.
-    if set(map(type, values)) != _INT:
-        bad = next(v for v in values if type(v) is not int)
-        raise errors.upstream_malformed(f"{where} holds a non-integer token id: {bad!r}")
-    if min(values) < 0 or max(values) > MAX_TOKEN_ID:
-        bad = next(v for v in values if not 0 <= v <= MAX_TOKEN_ID)
-        raise errors.upstream_malformed(f"{where} holds a token id out of range: {bad}")
+def token_array(values: list[Any], where: str) -> array:
+    """``values`` as int32 token ids; ``ApiError`` 502 naming the first bad one.
+
+    The conversion runs in C and is the check: a non-integer fails it, and so
+    does an id of 2**31 or more; a negative id is caught by the minimum.
+    """
+    try:
+        ids = array(TOKEN_TYPECODE, values)
+    except (TypeError, OverflowError):
+        ids = None
+    if ids is not None and not (ids and np.frombuffer(ids, np.int32).min() < 0):
+        return ids
+    for v in values:
+        if type(v) is not int:
+            raise errors.upstream_malformed(f"{where} holds a non-integer token id: {v!r}")
+        if not 0 <= v <= MAX_TOKEN_ID:
+            raise errors.upstream_malformed(f"{where} holds a token id out of range: {v}")
+    raise AssertionError("unreachable: array() refused a valid list")
 
 
 def _message(choice: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +94,7 @@ def _message(choice: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def _completion(meta: dict[str, Any]) -> tuple[list[int], list[float]]:
+def _completion(meta: dict[str, Any]) -> tuple[array, array]:
     entries = meta.get("output_token_logprobs")
     if type(entries) is not list:
         raise errors.upstream_malformed(_NO_LOGPROBS)
@@ -103,10 +115,16 @@ def _completion(meta: dict[str, Any]) -> tuple[list[int], list[float]]:
         raise errors.upstream_malformed(shape) from None
     if entries and not set(map(type, entries)) <= {list, tuple}:
         raise errors.upstream_malformed(shape)
-    _token_ids(ids, "meta_info.output_token_logprobs")
     if logprobs and not set(map(type, logprobs)) <= _NUMBER_TYPES:
         raise errors.upstream_malformed(f"{shape} with a numeric logprob")
-    return ids, logprobs
+    where = "meta_info.output_token_logprobs"
+    # The generated ids are what training learns from: JSON true/false are not
+    # ids here. (A prompt's ids go through int32 conversion alone, which reads
+    # them as 1/0: a prompt is long and checked against the stored one.)
+    if ids and set(map(type, ids)) != {int}:
+        bad = next(v for v in ids if type(v) is not int)
+        raise errors.upstream_malformed(f"{where} holds a non-integer token id: {bad!r}")
+    return token_array(ids, where), array(LOGPROB_TYPECODE, logprobs)
 
 
 def parse_answer(raw: bytes) -> ParsedAnswer:
@@ -132,8 +150,8 @@ def parse_answer(raw: bytes) -> ParsedAnswer:
             "choices[0].prompt_token_ids is missing "
             "(the backend must honour return_prompt_token_ids=true)"
         )
-    _token_ids(prompt, "choices[0].prompt_token_ids")
-    return ParsedAnswer(response, message, prompt, completion, logprobs)
+    prompt_ids = token_array(prompt, "choices[0].prompt_token_ids")
+    return ParsedAnswer(response, message, prompt_ids, completion, logprobs)
 
 
 def sse_body(response: dict[str, Any]) -> bytes:

@@ -8,6 +8,7 @@ are created lazily, on the first chat turn.
 from __future__ import annotations
 
 import asyncio
+from array import array
 from typing import Any
 
 
@@ -20,7 +21,7 @@ class Session:
         # Created on first use; None means empty.
         self.messages: list[dict[str, Any]] | None = None
         self.records: list[dict[str, Any]] | None = None
-        self.checkpoints: list[list[int]] | None = None
+        self.checkpoints: list[array] | None = None  # int32 token ids per turn
         # Per turn: the message index just after its generated assistant message.
         self.ends: list[int] | None = None
 
@@ -43,7 +44,7 @@ class Session:
     def metadata(self) -> dict[str, Any]:
         checkpoints = self.checkpoints
         return {
-            "accumulated_token_ids": checkpoints[-1] if checkpoints else [],
+            "accumulated_token_ids": checkpoints[-1].tolist() if checkpoints else [],
             "num_assistant": len(checkpoints) if checkpoints else 0,
         }
 

@@ -31,6 +31,7 @@ extends its trajectory.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right
 from typing import Any
 
@@ -112,7 +113,7 @@ def plan_turn(
     return keep
 
 
-def unchanged_since(session: Session, expected_n: int, expected_last: list[int] | None) -> bool:
+def unchanged_since(session: Session, expected_n: int, expected_last: array | None) -> bool:
     """True if no turn was recorded (and nothing rolled back) since the plan.
 
     Every recorded turn appends a new checkpoint object, so the pair (count,
@@ -125,7 +126,7 @@ def unchanged_since(session: Session, expected_n: int, expected_last: list[int] 
     return len(checkpoints) == expected_n and checkpoints[-1] is expected_last
 
 
-def check_prefix(session: Session, keep: int, tokens: list[int]) -> None:
+def check_prefix(session: Session, keep: int, tokens: array) -> None:
     """``ApiError`` 500 unless checkpoint ``keep`` is a prefix of ``tokens``."""
     if not keep:
         return
@@ -145,7 +146,7 @@ def commit_turn(
     keep: int,
     messages: list[dict[str, Any]],
     assistant: dict[str, Any],
-    tokens: list[int],
+    tokens: array,
     record: dict[str, Any],
 ) -> None:
     """Record a turn on top of checkpoint ``keep`` (rolling back what lies after)."""

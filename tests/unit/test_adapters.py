@@ -72,6 +72,37 @@ def test_a_pooled_connection_that_receives_unasked_bytes_is_never_reused():
     assert asyncio.run(main()) == [b"1", b"2", b"3"]
 
 
+class _Plain(asyncio.Protocol):
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):
+            self.transport.write(_answer(b"x" * 100_000))
+
+
+def test_a_well_behaved_connection_is_reused():
+    async def main() -> int:
+        server = await asyncio.get_running_loop().create_server(_Plain, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        made = 0
+
+        async def count(*_: Any) -> None:
+            nonlocal made
+            made += 1
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(count)
+        async with aiohttp.ClientSession(connector=strict_connector(), trace_configs=[trace]) as s:
+            for _ in range(5):
+                async with s.get(f"http://127.0.0.1:{port}/") as resp:
+                    assert len(await resp.read()) == 100_000
+        server.close()
+        return made
+
+    assert asyncio.run(main()) == 1
+
+
 # --- uvicorn -----------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 import orjson
@@ -27,9 +28,9 @@ def answer(**over: Any) -> dict[str, Any]:
 
 def test_parse_answer_splits_prompt_completion_and_logprobs():
     parsed = parse_answer(orjson.dumps(answer()))
-    assert parsed.prompt_ids == [1, 2]
-    assert parsed.completion_ids == [5, 6]
-    assert parsed.logprobs == [-0.1, -0.2]
+    assert parsed.prompt_ids == array("i", [1, 2])
+    assert parsed.completion_ids == array("i", [5, 6])
+    assert parsed.logprobs == array("f", [-0.1, -0.2])
     assert parsed.message == {"role": "assistant", "content": "hi"}
     assert parsed.response["choices"][0]["prompt_token_ids"] == [1, 2]
 
@@ -99,6 +100,9 @@ def test_tool_calls_and_reasoning_are_accepted():
         (answer(prompt_token_ids=None), "prompt_token_ids is missing"),
         (answer(prompt_token_ids=[1, "x"]), "prompt_token_ids holds a non-integer token id: 'x'"),
         (answer(prompt_token_ids=[1, -1]), "token id out of range: -1"),
+        (answer(prompt_token_ids=[1, -(2**40)]), "token id out of range: -1099511627776"),
+        (answer(prompt_token_ids=[1, None]), "non-integer token id: None"),
+        (answer(prompt_token_ids=[1, 2.0]), "non-integer token id: 2.0"),
     ],
 )
 def test_malformed_answers_are_502_naming_the_defect(raw: Any, needle: str):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from rollout_sessions._registry import siphash24
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN, Registry, validate_id
+from rollout_sessions.registry._registry import siphash24
 
 
 class Obj:

@@ -30,7 +30,7 @@ Invalid ids (empty, over 128 characters, characters outside
 ``[A-Za-z0-9._~:-]``) raise ``ValueError`` with a message fit for a client.
 """
 
-from rollout_sessions._registry import (
+from rollout_sessions.registry._registry import (
     CREATED,
     DELETED,
     LIVE,

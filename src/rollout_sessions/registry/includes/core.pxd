@@ -1,16 +1,7 @@
-# Declarations of the C core (rs_*.h) and of the Registry type, for any
-# Cython code that wants the registry without going through Python calls.
+# The C core (rs_ids.h, rs_table.h, rs_tombstone.h): ids, one shard's table,
+# the tombstone ring. Pure C, callable without the GIL.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-
-
-cdef extern from "<pthread.h>" nogil:
-    ctypedef struct pthread_mutex_t:
-        pass
-    int pthread_mutex_init(pthread_mutex_t *m, void *attr)
-    int pthread_mutex_destroy(pthread_mutex_t *m)
-    int pthread_mutex_lock(pthread_mutex_t *m)
-    int pthread_mutex_unlock(pthread_mutex_t *m)
 
 
 cdef extern from "rs_ids.h" nogil:
@@ -78,41 +69,3 @@ cdef extern from "rs_tombstone.h" nogil:
     double rs_tomb_horizon(const rs_tombstone *t, double now)
     size_t rs_tomb_bytes(const rs_tombstone *t)
     uint64_t rs_tomb_bytes_for(uint64_t cap)
-
-
-# One shard: its table, its lock, and the counters its operations bump.
-ctypedef struct rs_shard:
-    pthread_mutex_t lock
-    rs_table table
-    uint64_t created_by_id
-    uint64_t auto_creates
-    uint64_t minted
-    uint64_t deletes
-    uint64_t deleted_refusals
-    uint64_t ttl_evictions
-
-
-# A parsed id: its key, where it lives, and whether it is one of ours.
-ctypedef struct rs_id:
-    rs_key key
-    uint64_t hash
-    uint32_t shard
-    bint hexid
-
-
-cdef class Registry:
-    cdef rs_shard *_shards
-    cdef uint32_t _nshards
-    cdef rs_tombstone _tomb
-    cdef pthread_mutex_t _tomb_lock
-    cdef rs_secrets _sec
-    cdef uint64_t _mint_counter
-    cdef double _ttl
-    cdef double _retry_window
-    cdef bint _manual_clock
-    cdef double _manual_now
-    cdef uint32_t _expire_cursor
-
-    cdef int _parse(self, object sid, rs_id *out) except -1
-    cdef double _now(self) noexcept nogil
-    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil

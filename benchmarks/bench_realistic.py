@@ -1,0 +1,186 @@
+"""Realistic chat turns: our server against the FastAPI reference, in one run.
+
+The workload is what a rollout sends (``realistic_backend.py`` answers,
+``loadgen.py realistic`` asks): answers of ~800 tokens with OpenAI-style
+``logprobs.content`` and ``meta_info.output_token_logprobs``, tool results of
+400 words, 8 turns per session with the history growing, then the harness's
+GET and DELETE. Both servers forward to one backend process; the load
+generator is its own process.
+
+For each concurrency, rounds alternate the servers; each round reports
+turns/s, p50/p99 of a turn, and the server's CPU (user + system of its
+process tree over the round) per turn. Then, on fresh servers, resident
+memory per kept session: RSS before and after ``--keep-sessions`` sessions
+of 8 turns that are never deleted.
+
+    .venv/bin/python benchmarks/bench_realistic.py
+    .venv/bin/python benchmarks/bench_realistic.py --concurrency 16,64,256 --duration 8 \\
+        --rounds 3 --keep-sessions 300
+
+Target: server CPU per turn at most 1/15 of the reference's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import (  # noqa: E402
+    HERE,
+    RESULTS,
+    finish,
+    median,
+    ours_argv,
+    reference_argv,
+    run_loadgen,
+    started_process,
+)
+
+
+def backend_argv(words: int):
+    return lambda port: [
+        sys.executable,
+        str(HERE / "realistic_backend.py"),
+        "--port",
+        str(port),
+        "--completion-words",
+        str(words),
+    ]
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
+
+
+def rss_bytes(proc: psutil.Process) -> int:
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+def load_args(url: str, a: argparse.Namespace, c: int, duration: float, *extra: str) -> list[str]:
+    args = ["realistic", "--url", url, "--concurrency", str(c), "--turns", str(a.turns)]
+    args += ["--tool-words", str(a.tool_words), "--duration", str(duration)]
+    return [*args, "--warmup", "0", *extra]
+
+
+def one_round(proc: psutil.Process, url: str, a: argparse.Namespace, c: int) -> dict[str, Any]:
+    before = cpu_seconds(proc)
+    out = run_loadgen(*load_args(url, a, c, a.duration))
+    cpu = cpu_seconds(proc) - before
+    turns = max(1, out["units"])
+    lat = out["latency_ms"].get("turn", {})
+    return {
+        "turns": out["units"],
+        "turns_per_s": out["units_per_s"],
+        "p50_ms": lat.get("p50", float("nan")),
+        "p99_ms": lat.get("p99", float("nan")),
+        "cpu_ms_per_turn": cpu * 1000 / turns,
+        "errors": out["errors"],
+        "error_samples": out["error_samples"],
+    }
+
+
+def throughput(servers: dict[str, tuple[psutil.Process, str]], a: argparse.Namespace) -> dict:
+    out: dict[str, Any] = {}
+    for c in a.concurrency:
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+        for r in range(a.rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                proc, url = servers[name]
+                runs[name].append(one_round(proc, url, a, c))
+        out[str(c)] = {
+            name: {
+                key: median([x[key] for x in rs])
+                for key in ("turns_per_s", "p50_ms", "p99_ms", "cpu_ms_per_turn")
+            }
+            | {"errors": sum(x["errors"] for x in rs), "rounds": rs}
+            for name, rs in runs.items()
+        }
+        row = out[str(c)]
+        ratio = row["reference"]["cpu_ms_per_turn"] / row["ours"]["cpu_ms_per_turn"]
+        row["cpu_ratio_reference_over_ours"] = ratio
+        for name in servers:
+            m = row[name]
+            print(
+                f"c={c:<4} {name:9} {m['turns_per_s']:8.1f} turns/s  p50 {m['p50_ms']:8.1f} ms  "
+                f"p99 {m['p99_ms']:8.1f} ms  CPU {m['cpu_ms_per_turn']:6.2f} ms/turn  "
+                f"errors {m['errors']}"
+            )
+        print(f"c={c:<4} reference CPU / ours = {ratio:.1f}x")
+    return out
+
+
+def memory(name: str, argv: Any, a: argparse.Namespace) -> dict[str, Any]:
+    """RSS per kept session on a fresh server."""
+    with started_process(name, argv) as server:
+        proc = psutil.Process(server.pid)
+        url = server.url
+        run_loadgen(*load_args(url, a, 16, 600, "--keep", "--sessions", "32"))  # warm-up
+        time.sleep(1.0)
+        before = rss_bytes(proc)
+        out = run_loadgen(*load_args(url, a, 32, 600, "--keep", "--sessions", str(a.keep_sessions)))
+        time.sleep(1.0)
+        after = rss_bytes(proc)
+    sessions = max(1, out["units"] // a.turns)
+    per = (after - before) / sessions
+    print(
+        f"{name:9} RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB over {sessions} kept "
+        f"sessions: {per / 1024:.0f} KiB per session"
+    )
+    return {
+        "rss_before": before,
+        "rss_after": after,
+        "sessions": sessions,
+        "bytes_per_session": per,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--concurrency", default="16,64,256")
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--tool-words", type=int, default=400)
+    p.add_argument("--completion-words", type=int, default=800)
+    p.add_argument("--keep-sessions", type=int, default=300)
+    p.add_argument("--json", type=Path, default=RESULTS / "realistic.json")
+    a = p.parse_args()
+    a.concurrency = [int(c) for c in a.concurrency.split(",")]
+    res: dict[str, Any] = {"args": {k: v for k, v in vars(a).items() if k != "json"}}
+    with started_process("backend", backend_argv(a.completion_words)) as backend:
+        up = backend.url
+        argvs = {"ours": ours_argv(up), "reference": lambda port: reference_argv(port, up)}
+        with (
+            started_process("ours", argvs["ours"]) as ours,
+            started_process("reference", argvs["reference"]) as ref,
+        ):
+            servers = {
+                "ours": (psutil.Process(ours.pid), ours.url),
+                "reference": (psutil.Process(ref.pid), ref.url),
+            }
+            res["throughput"] = throughput(servers, a)
+        res["memory"] = {name: memory(name, argv, a) for name, argv in argvs.items()}
+    targets = [
+        {
+            "target": f"CPU per turn <= 1/15 of the reference at c={c}",
+            "value": row["cpu_ratio_reference_over_ours"],
+            "met": row["cpu_ratio_reference_over_ours"] >= 15,
+        }
+        for c, row in res["throughput"].items()
+    ]
+    finish(res, targets, a.json)
+
+
+if __name__ == "__main__":
+    main()

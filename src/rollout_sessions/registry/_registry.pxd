@@ -1,0 +1,46 @@
+# The layout of the Registry type and of its shards, for any Cython code that
+# wants the registry without going through Python calls. The C core it is
+# built on is declared in includes/.
+
+from libc.stdint cimport uint32_t, uint64_t
+
+from rollout_sessions.registry.includes.core cimport *
+from rollout_sessions.registry.includes.pthread cimport *
+
+
+# One shard: its table, its lock, and the counters its operations bump.
+ctypedef struct rs_shard:
+    pthread_mutex_t lock
+    rs_table table
+    uint64_t created_by_id
+    uint64_t auto_creates
+    uint64_t minted
+    uint64_t deletes
+    uint64_t deleted_refusals
+    uint64_t ttl_evictions
+
+
+# A parsed id: its key, where it lives, and whether it is one of ours.
+ctypedef struct rs_id:
+    rs_key key
+    uint64_t hash
+    uint32_t shard
+    bint hexid
+
+
+cdef class Registry:
+    cdef rs_shard *_shards
+    cdef uint32_t _nshards
+    cdef rs_tombstone _tomb
+    cdef pthread_mutex_t _tomb_lock
+    cdef rs_secrets _sec
+    cdef uint64_t _mint_counter
+    cdef double _ttl
+    cdef double _retry_window
+    cdef bint _manual_clock
+    cdef double _manual_now
+    cdef uint32_t _expire_cursor
+
+    cdef int _parse(self, object sid, rs_id *out) except -1
+    cdef double _now(self) noexcept nogil
+    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil
