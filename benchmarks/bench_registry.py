@@ -41,7 +41,7 @@ if str(HERE) not in sys.path:
 
 import reference_registry as ref  # noqa: E402
 
-OURS_DEFAULT_CAPACITY = 1 << 20  # DESIGN.md default
+OURS_DEFAULT_CAPACITY = 1 << 20  # the server's default TOMBSTONE_CAPACITY
 OURS_DEFAULT_SHARDS = 64
 FAR_TTL = 7200.0  # production TTL: nothing goes stale during a benchmark
 

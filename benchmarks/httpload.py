@@ -210,11 +210,19 @@ async def delete_session(client: HttpClient, session_id: str) -> int:
     return status
 
 
+def chat_request(
+    session_id: str | None, messages: list[dict[str, Any]], **fields: Any
+) -> tuple[str, bytes]:
+    """``(path, body)`` of a chat turn through ``session_id`` (``None``: the backend
+    directly, with the flags the session server would force)."""
+    req: dict[str, Any] = {"model": "echo", "messages": messages, "max_tokens": 16, **fields}
+    if session_id is None:
+        req.update(FORCED_FLAGS)
+    return chat_path(session_id), orjson.dumps(req)
+
+
 async def chat_turn(
     client: HttpClient, session_id: str | None, messages: list[dict[str, Any]], **fields: Any
 ) -> tuple[int, bytes]:
     """One chat turn through ``session_id`` (``None``: the backend directly)."""
-    req: dict[str, Any] = {"model": "echo", "messages": messages, "max_tokens": 16, **fields}
-    if session_id is None:
-        req.update(FORCED_FLAGS)
-    return await client.request("POST", chat_path(session_id), orjson.dumps(req))
+    return await client.request("POST", *chat_request(session_id, messages, **fields))

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from httpload import (  # noqa: E402
     HttpClient,
     HttpError,
-    chat_turn,
+    chat_request,
     check_loopback,
     create_session,
     delete_session,
@@ -44,7 +44,11 @@ from httpload import (  # noqa: E402
     percentile,
 )
 
-from rollout_sessions.testing.client import first_messages, next_messages  # noqa: E402
+from rollout_sessions.testing.client import (  # noqa: E402
+    chat_path,
+    first_messages,
+    next_messages,
+)
 
 
 @dataclass
@@ -136,6 +140,22 @@ async def _lifecycle_client(url: str, rec: Recorder, budget: list[int]) -> None:
         await client.close()
 
 
+async def _timed_turn(
+    rec: Recorder, client: HttpClient, path: str, body: bytes, what: str
+) -> bytes | None:
+    """One timed chat turn: its answer, or None once its failure is recorded."""
+    t0 = time.perf_counter_ns()
+    status, data = await client.request("POST", path, body)
+    t1 = time.perf_counter_ns()
+    if status != 200:
+        rec.error(f"{what}: {status} {data[:160]!r}")
+        return None
+    rec.add("turn", t0, t1)
+    if t0 >= rec.t_start:
+        rec.units += 1
+    return data
+
+
 async def _chat_client(
     url: str, rec: Recorder, budget: list[int], direct: bool, turns_per_session: int, n: int
 ) -> None:
@@ -158,15 +178,10 @@ async def _chat_client(
                     if budget[0] <= 0 or ns() >= rec.t_stop:
                         break
                     budget[0] -= 1
-                    t0 = ns()
-                    status, data = await chat_turn(client, sid, messages)
-                    t1 = ns()
-                    if status != 200:
-                        rec.error(f"chat {sid} turn {t}: {status} {data[:160]!r}")
+                    path, body = chat_request(sid, messages)
+                    data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {t}")
+                    if data is None:
                         break
-                    rec.add("turn", t0, t1)
-                    if t0 >= rec.t_start:
-                        rec.units += 1
                     messages = next_messages(messages, data, t)
                 if sid is not None:
                     status = await delete_session(client, sid)
@@ -195,6 +210,7 @@ async def _realistic_client(
                 if status != 200:
                     rec.error(f"create: {status}")
                     continue
+                path = chat_path(sid)
                 messages: list[dict[str, Any]] = [
                     {"role": "system", "content": "You are an agent."},
                     {"role": "user", "content": "solve " + tool},
@@ -202,17 +218,9 @@ async def _realistic_client(
                 for k in range(a.turns):
                     budget[0] -= 1
                     body = json.dumps({"model": "m", "messages": messages}).encode()
-                    t0 = ns()
-                    status, data = await client.request(
-                        "POST", f"/sessions/{sid}/v1/chat/completions", body
-                    )
-                    t1 = ns()
-                    if status != 200:
-                        rec.error(f"chat {sid} turn {k}: {status} {data[:160]!r}")
+                    data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {k}")
+                    if data is None:
                         break
-                    rec.add("turn", t0, t1)
-                    if t0 >= rec.t_start:
-                        rec.units += 1
                     content = json.loads(data)["choices"][0]["message"]["content"]
                     messages = [
                         *messages,

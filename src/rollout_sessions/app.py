@@ -31,6 +31,7 @@ from rollout_sessions.metrics import Metrics
 from rollout_sessions.registry import Registry
 from rollout_sessions.routing import SessionRouter
 from rollout_sessions.state import AppState
+from rollout_sessions.tito import tito_from_settings
 from rollout_sessions.upstream import Upstream
 from rollout_sessions.web import endpoint, error_response, raw_json_response
 
@@ -68,6 +69,12 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
         upstream=None,  # type: ignore[arg-type]  # created on start (may need the echo URL)
         metrics=Metrics(registry.stats, settings.retry_window_s),
         instance_id=secrets.token_hex(16),
+        tito=tito_from_settings(
+            settings.tokenizer,
+            settings.tito_model,
+            settings.chat_template,
+            settings.chat_template_kwargs,
+        ),
     )
     app = Application(router=SessionRouter(), show_error_details=False)
     app.state = state  # type: ignore[attr-defined]  # for tests and the CLI

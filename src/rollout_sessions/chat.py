@@ -2,14 +2,17 @@
 
 The split lock:
 
-1. look the session up, auto-creating a never-seen id (404 if deleted or
-   closing); read and parse the body and force the SGLang flags the
-   trajectory needs (a bad body is 400 and creates nothing);
+1. look the session up (404 if deleted or closing); read, parse and check
+   the body (400 on bad JSON or wrong types), force the SGLang flags the
+   trajectory needs; only then auto-create a never-seen id, so a bad
+   request creates nothing;
 2. under ``session.lock``, briefly: check the messages against the stored
-   trajectory (``trajectory.plan_turn``) and remember what it looked like;
-3. without any lock: the upstream call. Non-200 answers pass through
-   unrecorded, transport failures are 502, timeouts 504, malformed answers
-   502 naming the defect (``answer.parse_answer``);
+   trajectory (``trajectory.plan_turn``: extension, or a retry of at most one
+   assistant step) and remember the store's version;
+3. without any lock: with token-in, token-out on, build ``input_ids``
+   (``tito``); then the upstream call. Non-200 answers pass through
+   unrecorded, transport failures are 502, timeouts 504, defects of the
+   answer 502 naming them (``answer.parse_answer``);
 4. under the lock again, briefly: if the session is closing or another turn
    was recorded meanwhile, answer without recording; else check the stored
    checkpoint is a prefix of the new token ids (500 if not) and record.
@@ -17,30 +20,34 @@ The split lock:
 No ``await`` happens while the lock is held, so a DELETE never waits for an
 upstream call. ``stream: true`` is served from the complete upstream answer
 (the backend is always called without streaming: the trajectory needs the
-whole answer and its token ids) as a short, valid SSE stream.
+whole answer and its token ids) as a short, valid SSE stream. Routing-replay
+payloads (``meta_info.routed_experts``, ``meta_info.indexer_topk``) stay in
+the record and are removed from the client's answer.
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from blacksheep import Content, Request, Response
-from orjson import Fragment
 
 from rollout_sessions import errors
-from rollout_sessions.answer import parse_answer, sse_body
+from rollout_sessions.answer import ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.errors import ApiError
 from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.routing import CHAT_PATH
 from rollout_sessions.session import Session
-from rollout_sessions.trajectory import check_prefix, commit_turn, plan_turn, unchanged_since
+from rollout_sessions.store import cut_prompt_ids, ids_json
+from rollout_sessions.trajectory import Plan, plan_turn
+from rollout_sessions.upstream import Answer
 from rollout_sessions.web import JSON_TYPE, id_checked, parse_json, query_string, read_body
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
+    from rollout_sessions.tito import Tito
 
 SSE_TYPE = b"text/event-stream"
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -54,6 +61,8 @@ FORCED_FLAGS: dict[str, bool] = {
     "no_stop_trim": False,
 }
 
+# Routing-replay payloads: recorded, never answered to the client.
+REPLAY_KEYS = ("routed_experts", "indexer_topk")
 
 # Fields the trajectory reads, with the JSON types they may have (absent is None).
 _MESSAGE_FIELDS = (
@@ -66,11 +75,44 @@ _REQUEST_FIELDS = (
     ("tools", {list, type(None)}),
     ("stream", {bool, type(None)}),
     ("stream_options", {dict, type(None)}),
+    ("chat_template_kwargs", {dict, type(None)}),
 )
 
 
-def _parse_request(body: bytes) -> dict[str, Any]:
-    req = parse_json(body)
+class ChatRequest:
+    """One chat request, checked and ready to forward."""
+
+    __slots__ = ("req", "messages", "message_bytes", "rest", "stream", "arrived")
+
+    def __init__(self, body: bytes, arrived: float) -> None:
+        req = parse_json(body)
+        _check_request(req)
+        self.arrived = arrived
+        self.stream = bool(req.pop("stream", False))
+        req.pop("stream_options", None)
+        req.pop("input_ids", None)  # built here when TITO is on, never the client's
+        req.update(FORCED_FLAGS)
+        self.req = req
+        self.messages: list[dict[str, Any]] = req["messages"]
+        try:
+            self.message_bytes = [orjson.dumps(m) for m in self.messages]
+            others = {k: v for k, v in req.items() if k != "messages"}
+            self.rest = orjson.dumps(others)[1:-1]
+        except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than orjson writes
+            raise errors.invalid_chat_request(f"the body cannot be forwarded: {exc}") from None
+
+    def upstream_body(self, input_ids: array | None) -> bytes:
+        """The forwarded body: the other fields, the messages, then ``input_ids``."""
+        parts = [b"{", self.rest, b',"messages":[', b",".join(self.message_bytes), b"]"]
+        if not self.rest:
+            parts[2] = b'"messages":['
+        if input_ids is not None:
+            parts += [b',"input_ids":', ids_json(input_ids)]
+        parts.append(b"}")
+        return b"".join(parts)
+
+
+def _check_request(req: Any) -> None:
     if type(req) is not dict:
         raise errors.invalid_chat_request("the body must be a JSON object")
     messages = req.get("messages")
@@ -88,93 +130,164 @@ def _parse_request(body: bytes) -> dict[str, Any]:
     for key, types in _REQUEST_FIELDS:
         if type(req.get(key)) not in types:
             raise errors.invalid_chat_request(f"{key} has the wrong type")
-    return req
-
-
-def _upstream_body(req: dict[str, Any]) -> bytes:
-    try:
-        return orjson.dumps(req)
-    except orjson.JSONEncodeError as exc:  # e.g. nesting deeper than orjson writes
-        raise errors.invalid_chat_request(f"the body cannot be forwarded: {exc}") from None
 
 
 async def chat_completions(state: AppState, session_id: str, request: Request) -> Response:
     """One chat turn; raises ``ApiError`` for every error answer."""
+    arrived = time.time()
     registry = state.registry
     session = id_checked(registry.lookup, session_id)
     if session is DELETED or (session is not NEVER_SEEN and session.closing):
         raise errors.session_not_found(session_id)
 
-    # The whole body is checked before a never-seen id is auto-created: a bad
-    # request changes no state.
     settings = state.settings
-    req = _parse_request(
-        await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
+    turn = ChatRequest(
+        await read_body(request, settings.max_body_bytes, settings.header_timeout_s), arrived
     )
-    messages = req["messages"]
-    stream = bool(req.pop("stream", False))
-    req.pop("stream_options", None)
-    req.update(FORCED_FLAGS)
-    upstream_body = _upstream_body(req)
+    tito = state.tito
+    first_ids = None
     if session is NEVER_SEEN:
+        if tito is not None:  # rendered before creating: a template error creates nothing
+            first_ids = _first_turn_ids(tito, turn)
         # Restart tolerance: an id this server never saw is created on first chat.
         session = registry.get_or_create(session_id, Session)
         if session is DELETED or session.closing:  # deleted while the body was read
             raise errors.session_not_found(session_id)
 
-    metrics = state.metrics
     lock = session.lock
     async with lock:
         if session.closing:
             raise errors.session_not_found(session_id)
-        keep = plan_turn(session, messages, settings.allowed_append_roles)
-        checkpoints = session.checkpoints
-        expected_n = len(checkpoints) if checkpoints else 0
-        expected_last = checkpoints[-1] if checkpoints else None
+        traj = session.traj
+        plan = plan_turn(traj, turn.messages, turn.message_bytes, settings.allowed_append_roles)
+        base = traj.checkpoint(plan.keep) if traj is not None and plan.keep else None
+        last_assistant = traj.message(traj.message_end(plan.keep - 1) - 1) if base else None
 
+    input_ids = None
+    if tito is not None:
+        if base is None:
+            input_ids = first_ids if first_ids is not None else _first_turn_ids(tito, turn)
+        else:
+            input_ids = tito.next_turn(
+                base,
+                last_assistant,  # type: ignore[arg-type]
+                turn.messages[plan.tail_start :],
+                turn.req.get("tools"),
+                turn.req.get("chat_template_kwargs"),
+                plan.tail_start,
+            )
+    answer = await _ask_upstream(state, request, turn, input_ids)
+    if answer.status != 200:
+        state.metrics.chat_turns.inc("upstream_status")
+        return passthrough(answer)
+    parsed = _parsed(state, answer.body, input_ids)
+    async with lock:
+        outcome = _record(session, plan, turn, parsed, answer.body, input_ids, base)
+    state.metrics.chat_turns.inc(outcome)
+    if outcome == "checkpoint_mismatch":
+        raise errors.checkpoint_mismatch(*_mismatch(base, parsed))  # type: ignore[arg-type]
+    return _client_answer(turn, parsed, answer.body)
+
+
+def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
+    return tito.first_turn(
+        turn.messages, turn.req.get("tools"), turn.req.get("chat_template_kwargs")
+    )
+
+
+async def _ask_upstream(
+    state: AppState, request: Request, turn: ChatRequest, input_ids: array | None
+) -> Answer:
     try:
-        answer = await state.upstream.chat(
-            upstream_body, client_headers(request), query_string(request)
+        return await state.upstream.chat(
+            turn.upstream_body(input_ids), client_headers(request), query_string(request)
         )
     except ApiError as exc:
-        metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
+        state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
-    if answer.status != 200:
-        metrics.chat_turns.inc("upstream_status")
-        return passthrough(answer)
+
+
+def _parsed(state: AppState, raw: bytes, input_ids: array | None) -> ParsedAnswer:
+    """The validated answer; with TITO, its prompt must be the ``input_ids`` sent."""
     try:
-        parsed = parse_answer(answer.body)
+        parsed = parse_answer(raw)
+        if input_ids is not None and parsed.prompt_ids != input_ids:
+            raise errors.upstream_ignored_input_ids(
+                len(input_ids),
+                len(parsed.prompt_ids),
+                _first_difference(input_ids, parsed.prompt_ids),
+            )
     except ApiError:
-        metrics.upstream_errors.inc("malformed")
+        state.metrics.upstream_errors.inc("malformed")
         raise
+    return parsed
+
+
+def _first_difference(a: array, b: array) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def _mismatch(base: array, parsed: ParsedAnswer) -> tuple[int, int, int]:
     tokens = parsed.prompt_ids + parsed.completion_ids
+    return len(base), len(tokens), _first_difference(base, tokens)
 
-    async with lock:
-        if session.closing:
-            outcome = "closing"
-        elif not unchanged_since(session, expected_n, expected_last):
-            outcome = "stale"  # a concurrent turn of this session won
-        else:
-            try:
-                check_prefix(session, keep, tokens)
-            except ApiError:
-                metrics.chat_turns.inc("checkpoint_mismatch")
-                raise
-            # Request and answer are kept as the JSON bytes already at hand: no
-            # copy of the parsed trees stays alive (GET splices them in).
-            record = {
-                "timestamp": time.time(),
-                "method": "POST",
-                "path": CHAT_PATH,
-                "status_code": 200,
-                "request": Fragment(upstream_body),
-                "response": Fragment(answer.body),
-            }
-            commit_turn(session, keep, messages, parsed.message, tokens, record)
-            outcome = "recorded"
-    metrics.chat_turns.inc(outcome)
 
-    if stream:
-        body = sse_body(parsed.response)
-        return Response(200, list(_SSE_HEADERS), Content(SSE_TYPE, body))
-    return Response(200, None, Content(JSON_TYPE, answer.body))
+def _record(
+    session: Session,
+    plan: Plan,
+    turn: ChatRequest,
+    parsed: ParsedAnswer,
+    raw: bytes,
+    input_ids: array | None,
+    base: array | None,
+) -> str:
+    """Step 4, under the lock: record the turn, or say why not (the outcome)."""
+    if session.closing:
+        return "closing"
+    traj = session.trajectory
+    if traj.version != plan.version:
+        return "stale"  # a concurrent turn of this session won
+    # With TITO the prompt was built on the checkpoint and the upstream echoed
+    # it: the prefix holds by construction.
+    if base is not None and input_ids is None and not is_prefix(base, parsed):
+        return "checkpoint_mismatch"
+    answer, cut = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
+    traj.commit(
+        keep=plan.keep,
+        exact=plan.exact,
+        message_bytes=turn.message_bytes,
+        assistant=orjson.dumps(parsed.message),
+        rest=turn.rest,
+        with_input_ids=input_ids is not None,
+        prompt=parsed.prompt_ids,
+        completion=parsed.completion_ids,
+        logprobs=parsed.logprobs,
+        answer=answer,
+        cut=cut,
+        timestamps=(time.time(), turn.arrived),
+    )
+    return "recorded"
+
+
+def is_prefix(base: array, parsed: ParsedAnswer) -> bool:
+    """Whether ``base`` is a prefix of the answer's prompt + completion ids."""
+    prompt, n = parsed.prompt_ids, len(base)
+    if len(prompt) >= n:
+        return prompt[:n] == base
+    return (prompt + parsed.completion_ids)[:n] == base
+
+
+def _client_answer(turn: ChatRequest, parsed: ParsedAnswer, raw: bytes) -> Response:
+    response = parsed.response
+    stripped = False
+    for choice in response.get("choices") or ():
+        meta = choice.get("meta_info") if type(choice) is dict else None
+        if type(meta) is dict:
+            for key in REPLAY_KEYS:
+                if meta.pop(key, None) is not None:
+                    stripped = True
+    if turn.stream:
+        return Response(200, list(_SSE_HEADERS), Content(SSE_TYPE, sse_body(response)))
+    return Response(200, None, Content(JSON_TYPE, orjson.dumps(response) if stripped else raw))

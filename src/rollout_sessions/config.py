@@ -10,6 +10,7 @@ value came from one); the CLI prints it and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -40,6 +41,10 @@ class Settings:
     max_upstream_answer_bytes: int = 256 * 1024 * 1024
     api_key: str | None = field(default=None, repr=False)
     upstream_api_key: str | None = field(default=None, repr=False)
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    tito_model: str = "default"
 
 
 class SettingsError(ValueError):
@@ -118,6 +123,40 @@ def _secret(raw: str) -> str | None:
         return None
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError("must be printable characters without spaces")
+    return value
+
+
+def _optional(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def _file(raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if not os.path.isfile(value):
+        raise ValueError(f"must be a readable file, got {raw!r}")
+    return value
+
+
+def _json_object(raw: str) -> dict[str, Any]:
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"must be a JSON object, got {raw!r} ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, got {raw!r}")
+    return value
+
+
+def _tito_model(raw: str) -> str:
+    from rollout_sessions.tito import RULES
+
+    value = raw.strip().lower()
+    if value not in RULES:
+        raise ValueError(f"must be one of {', '.join(RULES)}, got {raw!r}")
     return value
 
 
@@ -235,6 +274,28 @@ SPECS: tuple[_Spec, ...] = (
         "KEY",
         "sent upstream as 'Authorization: Bearer <KEY>' on every upstream call",
     ),
+    _Spec(
+        "tokenizer",
+        _optional,
+        "NAME_OR_DIR",
+        "a Hugging Face tokenizer (directory or name, loaded with AutoTokenizer): turns on "
+        "token-in, token-out (the server builds every prompt's input_ids); unset: TITO off",
+    ),
+    _Spec("chat_template", _file, "FILE", "a jinja file that replaces the tokenizer's template"),
+    _Spec(
+        "chat_template_kwargs",
+        _json_object,
+        "JSON",
+        "a JSON object passed to every chat template render",
+    ),
+    _Spec(
+        "tito_model",
+        _tito_model,
+        "RULE",
+        "where a stored checkpoint meets the appended tokens: default (concatenate), qwen3 "
+        "(newline after a final <|im_end|>; Qwen3, Qwen3.5, Qwen3-Next, Nemotron-3), glm47 "
+        "(drop a final <|observation|> or <|user|>; GLM-4.5 to GLM-5)",
+    ),
 )
 
 _DEFAULTS = Settings()
@@ -246,6 +307,8 @@ def _show_default(value: Any) -> str:
         return "unset"
     if isinstance(value, tuple):
         return ",".join(value) if value else "(empty)"
+    if isinstance(value, dict):
+        return json.dumps(value)
     return str(value)
 
 
@@ -288,7 +351,10 @@ def load_settings(
                 continue
         if not isinstance(raw, str):
             # Programmatic callers may pass typed values; validate their text form.
-            raw = ",".join(raw) if isinstance(raw, (tuple, list)) else str(raw)
+            if isinstance(raw, dict):
+                raw = json.dumps(raw)
+            else:
+                raw = ",".join(raw) if isinstance(raw, (tuple, list)) else str(raw)
         try:
             values[spec.field] = spec.parse(raw)
         except ValueError as exc:

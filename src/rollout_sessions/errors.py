@@ -103,6 +103,27 @@ def checkpoint_mismatch(stored: int, received: int, first_diff: int) -> ApiError
     )
 
 
+def template_failed(detail: str) -> ApiError:
+    return ApiError(400, f"chat template cannot render the messages: {detail}")
+
+
+def render_not_append_only(index: int, role: object) -> ApiError:
+    return ApiError(
+        400,
+        f"chat template render is not append-only at message {index} (role={role!r}): "
+        f"rendering it after the stored trajectory changes what was rendered before it",
+    )
+
+
+def upstream_ignored_input_ids(sent: int, received: int, first_diff: int) -> ApiError:
+    return ApiError(
+        502,
+        f"malformed backend answer: prompt_token_ids ({received} tokens) differ from the "
+        f"input_ids sent ({sent} tokens) at index {first_diff}; the backend must generate "
+        f"from input_ids",
+    )
+
+
 def upstream_transport_error(detail: str) -> ApiError:
     return ApiError(502, f"backend transport error: {detail}")
 

@@ -131,7 +131,12 @@ async def forward(state: AppState, raw_subpath: str, request: Request) -> Respon
         head.body = b"".join([chunk async for chunk in chunks])
         return passthrough(head)
     content_type, headers_out = _answer_headers(head)
-    return Response(head.status, headers_out, StreamedContent(content_type, lambda: chunks))
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+    return Response(head.status, headers_out, StreamedContent(content_type, body))
 
 
 def _declared_length(answer: Answer) -> int | None:

@@ -1,29 +1,25 @@
-"""Per-session state: the trajectory of one conversation.
+"""Per-session state: its lock, whether it is closing, and its trajectory.
 
 An idle session (created, never chatted) must stay tiny: at 1M sessions the
-budget is 300 bytes each, registry included. So every container and the lock
-are created lazily, on the first chat turn.
+budget is 300 bytes each, registry included. So the lock and the trajectory
+store are created lazily, on the first chat turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-from array import array
 from typing import Any
+
+from rollout_sessions.store import Trajectory
 
 
 class Session:
-    __slots__ = ("_lock", "closing", "messages", "records", "checkpoints", "ends")
+    __slots__ = ("_lock", "closing", "traj")
 
     def __init__(self) -> None:
         self._lock: asyncio.Lock | None = None
         self.closing: bool = False
-        # Created on first use; None means empty.
-        self.messages: list[dict[str, Any]] | None = None
-        self.records: list[dict[str, Any]] | None = None
-        self.checkpoints: list[array] | None = None  # int32 token ids per turn
-        # Per turn: the message index just after its generated assistant message.
-        self.ends: list[int] | None = None
+        self.traj: Trajectory | None = None  # created by the first recorded turn
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -38,23 +34,20 @@ class Session:
         return self._lock
 
     @property
-    def num_assistant(self) -> int:
-        return len(self.checkpoints) if self.checkpoints else 0
+    def trajectory(self) -> Trajectory:
+        traj = self.traj
+        if traj is None:
+            traj = self.traj = Trajectory()
+        return traj
 
-    def metadata(self) -> dict[str, Any]:
-        checkpoints = self.checkpoints
-        return {
-            "accumulated_token_ids": checkpoints[-1].tolist() if checkpoints else [],
-            "num_assistant": len(checkpoints) if checkpoints else 0,
-        }
 
-    def snapshot(self, session_id: str) -> dict[str, Any]:
-        """The body of ``GET /sessions/{id}``."""
-        return {
-            "session_id": session_id,
-            "records": list(self.records) if self.records else [],
-            "metadata": self.metadata(),
-        }
+def metadata(traj: Trajectory | None, max_trim_tokens: int = 0) -> dict[str, Any]:
+    """The ``metadata`` of ``GET /sessions/{id}`` for a live session."""
+    return {
+        "accumulated_token_ids": traj.tokens.tolist() if traj is not None else [],
+        "num_assistant": traj.num_turns if traj is not None else 0,
+        "max_trim_tokens": max_trim_tokens,
+    }
 
 
 def empty_snapshot(session_id: str) -> dict[str, Any]:

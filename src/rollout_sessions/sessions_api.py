@@ -12,17 +12,20 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from blacksheep import Application, Request, Response
+import orjson
+from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions import errors
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN
-from rollout_sessions.routing import SessionRouter
-from rollout_sessions.session import Session, empty_snapshot
+from rollout_sessions.routing import CHAT_PATH, SessionRouter
+from rollout_sessions.session import Session, empty_snapshot, metadata
 from rollout_sessions.web import (
+    JSON_TYPE,
     endpoint,
     id_checked,
     json_response,
@@ -65,7 +68,21 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
-        return json_response(session.snapshot(sid))
+        traj = session.traj.snapshot() if session.traj is not None else None
+        head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
+        tail = b'],"metadata":%s}' % orjson.dumps(metadata(traj, state.max_trim_tokens))
+        if traj is None or traj.num_turns == 0:
+            return raw_json_response(head + tail)
+
+        async def body() -> AsyncIterator[bytes]:
+            # A session's JSON in pieces of about one record: a large
+            # trajectory is never built as one bytes object.
+            yield head
+            for k, record in enumerate(traj.records(CHAT_PATH)):
+                yield record if k == 0 else b"," + record
+            yield tail
+
+        return Response(200, None, StreamedContent(JSON_TYPE, body))
 
     async def delete_session(request: Request) -> Response:
         sid = request.route_values["id"]

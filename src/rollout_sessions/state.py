@@ -10,6 +10,7 @@ from rollout_sessions.config import Settings
 if TYPE_CHECKING:
     from rollout_sessions.metrics import Metrics
     from rollout_sessions.registry import Registry
+    from rollout_sessions.tito import Tito
     from rollout_sessions.upstream import Upstream
 
 
@@ -22,3 +23,8 @@ class AppState:
     upstream: Upstream
     metrics: Metrics
     instance_id: str
+    tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
+
+    @property
+    def max_trim_tokens(self) -> int:
+        return self.tito.max_trim_tokens if self.tito is not None else 0

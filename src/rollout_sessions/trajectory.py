@@ -1,9 +1,9 @@
-"""The linear trajectory rules of a session, as pure functions over ``Session``.
+"""The linear trajectory rules of a session, as pure functions over its store.
 
-A session keeps the messages of its last recorded turn (request messages plus
-the assistant answer), one token checkpoint per assistant turn
-(``prompt_token_ids + completion ids`` of that turn) and one record per turn.
-Checkpoints and records always have the same length: ``num_assistant``.
+The store (``store.Trajectory``) keeps the messages of the last recorded turn
+(request messages plus the assistant answer), one token checkpoint per
+recorded turn (``prompt_token_ids + completion ids`` of that turn) and one
+record per turn: ``num_assistant`` turns.
 
 A new request is accepted when its messages
 
@@ -31,12 +31,12 @@ extends its trajectory.
 
 from __future__ import annotations
 
-from array import array
 from bisect import bisect_right
+from dataclasses import dataclass
 from typing import Any
 
 from rollout_sessions import errors
-from rollout_sessions.session import Session
+from rollout_sessions.store import Trajectory
 
 MAX_ROLLBACK_STEPS = 1
 
@@ -76,33 +76,49 @@ def messages_match(stored: dict[str, Any], new: dict[str, Any]) -> bool:
     return True
 
 
-def plan_turn(
-    session: Session, messages: list[dict[str, Any]], allowed_roles: tuple[str, ...]
-) -> int:
-    """How many checkpoints the turn builds on; ``ApiError`` 400 if it is refused.
+@dataclass(slots=True)
+class Plan:
+    """How a request relates to the stored trajectory (``plan_turn``)."""
 
-    Pure: reads the session, changes nothing. Call under ``session.lock``.
+    keep: int  # turns it builds on (fewer than stored: a planned rollback)
+    tail_start: int  # its first message after the kept trajectory
+    exact: int  # stored messages it repeats byte for byte
+    version: int  # the store's version it was planned on
+
+
+def plan_turn(
+    traj: Trajectory | None,
+    messages: list[dict[str, Any]],
+    message_bytes: list[bytes],
+    allowed_roles: tuple[str, ...],
+) -> Plan:
+    """How the turn builds on the stored trajectory; ``ApiError`` 400 if it is refused.
+
+    Pure: reads the store, changes nothing. Call under the session lock.
     """
-    stored = session.messages
-    if not stored:
-        return 0
+    if traj is None or not traj.messages:
+        return Plan(0, 0, 0, traj.version if traj is not None else 0)
+    stored = traj.messages
     n_stored = len(stored)
-    num_assistant = session.num_assistant
+    num_turns = traj.num_turns
     limit = min(n_stored, len(messages))
-    match = 0
-    while match < limit and messages_match(stored[match], messages[match]):
+    exact = 0
+    while exact < limit and stored[exact] == message_bytes[exact]:
+        exact += 1
+    match = exact
+    while match < limit and messages_match(traj.message(match), messages[match]):
         match += 1
     if match == n_stored:
-        keep = num_assistant
+        keep = num_turns
         tail_start = n_stored
     else:
         # Diverges (or stops) inside the stored messages: roll back to the last
         # generated assistant turn that is still shared. Assistant messages the
         # client wrote itself (few-shot examples) are not turns.
-        ends = session.ends or []
+        ends = [traj.message_end(k) for k in range(num_turns)]
         keep = bisect_right(ends, match)
         tail_start = ends[keep - 1] if keep else 0
-        discard = num_assistant - keep
+        discard = num_turns - keep
         if discard > MAX_ROLLBACK_STEPS:
             raise errors.rollback_refused(discard, n_stored, len(messages))
     if keep:
@@ -110,60 +126,4 @@ def plan_turn(
             role = messages[i].get("role")
             if role not in allowed_roles:
                 raise errors.append_role_refused(i, role, allowed_roles)
-    return keep
-
-
-def unchanged_since(session: Session, expected_n: int, expected_last: array | None) -> bool:
-    """True if no turn was recorded (and nothing rolled back) since the plan.
-
-    Every recorded turn appends a new checkpoint object, so the pair (count,
-    identity of the last checkpoint) changes with every commit, rollbacks
-    included.
-    """
-    checkpoints = session.checkpoints
-    if not checkpoints:
-        return expected_n == 0
-    return len(checkpoints) == expected_n and checkpoints[-1] is expected_last
-
-
-def check_prefix(session: Session, keep: int, tokens: array) -> None:
-    """``ApiError`` 500 unless checkpoint ``keep`` is a prefix of ``tokens``."""
-    if not keep:
-        return
-    base = session.checkpoints[keep - 1]  # type: ignore[index]
-    n = len(base)
-    if len(tokens) >= n and tokens[:n] == base:
-        return
-    first = next(
-        (i for i, (a, b) in enumerate(zip(base, tokens, strict=False)) if a != b),
-        min(n, len(tokens)),
-    )
-    raise errors.checkpoint_mismatch(n, len(tokens), first)
-
-
-def commit_turn(
-    session: Session,
-    keep: int,
-    messages: list[dict[str, Any]],
-    assistant: dict[str, Any],
-    tokens: array,
-    record: dict[str, Any],
-) -> None:
-    """Record a turn on top of checkpoint ``keep`` (rolling back what lies after)."""
-    checkpoints = session.checkpoints
-    records = session.records
-    ends = session.ends
-    if checkpoints is None or records is None or ends is None:
-        checkpoints = session.checkpoints = []
-        records = session.records = []
-        ends = session.ends = []
-    elif keep < len(checkpoints):
-        del checkpoints[keep:]
-        del records[keep:]
-        del ends[keep:]
-    checkpoints.append(tokens)
-    records.append(record)
-    ends.append(len(messages) + 1)  # just after this turn's assistant message
-    stored = list(messages)
-    stored.append(assistant)
-    session.messages = stored
+    return Plan(keep, tail_start, exact, traj.version)

@@ -21,7 +21,15 @@ from conftest import TOOLS, ServerProc, serve
 from rollout_sessions.testing.processes import ManagedProcess as EchoProc
 from rollout_sessions.testing.processes import free_port
 
-RECORD_KEYS = {"timestamp", "method", "path", "status_code", "request", "response"}
+RECORD_KEYS = {
+    "timestamp",
+    "request_timestamp",
+    "method",
+    "path",
+    "status_code",
+    "request",
+    "response",
+}
 
 
 @pytest.fixture(scope="module")

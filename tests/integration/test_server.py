@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import requests
-from conftest import HOST, ServerProc
+from conftest import ServerProc
 from prometheus_client.parser import text_string_to_metric_families
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -408,68 +408,53 @@ def test_body_over_limit_is_413(small_server: ServerProc) -> None:
     assert srv.post("/sessions", data=body).status_code == 200
 
 
-def test_huge_declared_body_is_refused_without_reading(small_server: ServerProc) -> None:
+def test_huge_declared_body_is_refused_without_reading(small_server: ServerProc, raw_factory):
     # Declare 1 GB and send only the head: the answer comes before any body byte.
-    with socket.create_connection((HOST, small_server.port), timeout=5) as sock:
-        sock.sendall(
-            b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1000000000\r\n\r\n"
-        )
-        data = sock.recv(65536)
-    assert data.startswith(b"HTTP/1.1 413")
-    assert b"request body exceeds 1024 bytes" in data
+    raw = raw_factory(small_server.url)
+    raw.send(
+        b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000000\r\n\r\n"
+    )
+    status, headers, body = raw.response()
+    assert status == 413
+    assert json.loads(body) == {"error": "request body exceeds 1024 bytes"}
+    assert headers[b"connection"] == b"close"
 
 
-def _read_answer(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes, bytes]:
-    """One Content-Length-framed HTTP answer from ``sock``: (head, body, leftover)."""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed before the answer head"
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside the answer body"
-        rest += chunk
-    return head, rest[:length], rest[length:]
-
-
-def test_bodies_framed_by_content_length_keep_the_connection(server: ServerProc) -> None:
+def test_bodies_framed_by_content_length_keep_the_connection(
+    server: ServerProc, raw_factory
+) -> None:
     # The body is read up to its declared length and no further: the same
     # connection then serves the next requests, whether the body came in one
     # segment, split across segments, or pipelined with the next request.
     sid = server.post("/sessions").json()["session_id"]
     messages = [{"role": "user", "content": "hello"}]
-    with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b""
-        for turn in range(4):
-            body = json.dumps({"model": "echo", "messages": messages}).encode()
-            head = (
-                f"POST /sessions/{sid}/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            if turn == 1:  # head and body in separate segments, the body in two
-                sock.sendall(head)
-                time.sleep(0.05)
-                sock.sendall(body[:7])
-                time.sleep(0.05)
-                sock.sendall(body[7:])
-            elif turn == 2:  # pipelined: this turn and a GET in one write
-                sock.sendall(
-                    head + body + f"GET /sessions/{sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-                )
-            else:
-                sock.sendall(head + body)
-            status, answer, buf = _read_answer(sock, buf)
-            assert status.startswith(b"HTTP/1.1 200"), (turn, status, answer)
-            assistant = json.loads(answer)["choices"][0]["message"]
-            messages = [*messages, assistant, {"role": "tool", "content": f"result {turn}"}]
-            if turn == 2:
-                status, snapshot, buf = _read_answer(sock, buf)
-                assert status.startswith(b"HTTP/1.1 200")
-                assert json.loads(snapshot)["metadata"]["num_assistant"] == 3
+    raw = raw_factory(server.url)
+    raw.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for turn in range(4):
+        body = json.dumps({"model": "echo", "messages": messages}).encode()
+        head = (
+            f"POST /sessions/{sid}/v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        if turn == 1:  # head and body in separate segments, the body in two
+            raw.send(head)
+            time.sleep(0.05)
+            raw.send(body[:7])
+            time.sleep(0.05)
+            raw.send(body[7:])
+        elif turn == 2:  # pipelined: this turn and a GET in one write
+            raw.send(head + body + f"GET /sessions/{sid} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        else:
+            raw.send(head + body)
+        status, _, answer = raw.response()
+        assert status == 200, (turn, status, answer)
+        assistant = json.loads(answer)["choices"][0]["message"]
+        messages = [*messages, assistant, {"role": "tool", "content": f"result {turn}"}]
+        if turn == 2:
+            status, _, snapshot = raw.response()
+            assert status == 200
+            assert json.loads(snapshot)["metadata"]["num_assistant"] == 3
     assert server.get(f"/sessions/{sid}").json()["metadata"]["num_assistant"] == 4
 
 

@@ -1,4 +1,10 @@
-"""The session registry: Python face of the Cython core (``_registry``).
+"""The session registry: the Python face of the Cython core (``_registry``).
+
+Layout: ``_registry.pyx`` (shards, locks, the Python API), ``_registry.pxd``
+(its layout, for other Cython code), ``_registry.pyi`` (its types), and
+``includes/``: the C core (``rs_ids.h`` ids, ``rs_table.h`` one shard,
+``rs_tombstone.h`` the ring, ``rs_probe.h`` linear probing) with its Cython
+declarations.
 
 The core is a sharded open-addressing table keyed by 128-bit ids, a ring
 buffer tombstone of fixed capacity, and a per-shard LRU list for idle TTL.
@@ -10,7 +16,7 @@ manual_clock=False)``
 
 - ``mint(obj) -> str``: register ``obj`` under a new 32-hex id this process
   recognises as its own.
-- ``create(sid, obj) -> int``: ``CREATED``, ``LIVE`` (conflict, nothing
+- ``create(sid, obj) -> Outcome``: ``CREATED``, ``LIVE`` (conflict, nothing
   changed) or ``DELETED`` (refused, nothing changed).
 - ``lookup(sid) -> obj | DELETED | NEVER_SEEN``: refreshes the idle clock of a
   live session. Never creates.

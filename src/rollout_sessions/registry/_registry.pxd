@@ -28,6 +28,14 @@ ctypedef struct rs_id:
     bint hexid
 
 
+# What inserting under a never-seen id came to.
+cdef enum Admit:
+    ADMITTED
+    ALREADY_LIVE
+    REFUSED_DELETED
+    OUT_OF_MEMORY
+
+
 cdef class Registry:
     cdef rs_shard *_shards
     cdef uint32_t _nshards
@@ -44,3 +52,4 @@ cdef class Registry:
     cdef int _parse(self, object sid, rs_id *out) except -1
     cdef double _now(self) noexcept nogil
     cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil
+    cdef object _insert(self, const rs_id *rid, object obj, bint by_id, Admit *outcome)

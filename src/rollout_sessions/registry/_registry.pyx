@@ -155,13 +155,6 @@ cdef inline int64_t _find_live(Registry reg, rs_shard *sh, const rs_id *rid, dou
     return slot
 
 
-cdef enum Admit:
-    ADMITTED
-    ALREADY_LIVE
-    REFUSED_DELETED
-    OUT_OF_MEMORY
-
-
 cdef Admit _admit(Registry reg, rs_shard *sh, const rs_id *rid, void *obj, void **dead,
                   int *ndead, void **found) noexcept nogil:
     """Inserts ``obj`` under a never-seen id; shared by create and auto-create.
@@ -282,6 +275,37 @@ cdef class Registry:
         pthread_mutex_unlock(&self._tomb_lock)
         return found
 
+    cdef object _insert(self, const rs_id *rid, object obj, bint by_id, Admit *outcome):
+        """Inserts ``obj`` under a never-seen id (create and auto-create).
+
+        Sets ``*outcome``; returns ``obj`` if admitted, the live object if the
+        id is live, None if it was deleted. Raises MemoryError if the shard
+        could not grow. Nothing changes unless ``obj`` is admitted.
+        """
+        cdef rs_shard *sh = &self._shards[rid.shard]
+        cdef void *dead[EVICT_PER_OP + 1]
+        cdef int ndead = 0
+        cdef void *found = NULL
+        Py_INCREF(obj)  # the table's reference, if admitted
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            outcome[0] = _admit(self, sh, rid, <PyObject *>obj, dead, &ndead, &found)
+            if outcome[0] == ADMITTED:
+                if by_id:
+                    sh.created_by_id += 1
+                else:
+                    sh.auto_creates += 1
+        # GIL back, shard lock still held: a raced-in object cannot be freed under us.
+        result = <object>found if outcome[0] == ALREADY_LIVE else None
+        pthread_mutex_unlock(&sh.lock)
+        _release(dead, ndead)
+        if outcome[0] == ADMITTED:
+            return obj
+        Py_DECREF(obj)
+        if outcome[0] == OUT_OF_MEMORY:
+            raise MemoryError("session table could not grow")
+        return result
+
     # -- operations ------------------------------------------------------
 
     def mint(self, obj):
@@ -314,26 +338,11 @@ cdef class Registry:
     def create(self, sid, obj):
         """Registers ``obj`` under ``sid``: CREATED, or LIVE / DELETED and nothing changed."""
         cdef rs_id rid
-        cdef rs_shard *sh
-        cdef void *dead[EVICT_PER_OP + 1]
-        cdef int ndead = 0
-        cdef void *found = NULL
         cdef Admit outcome
         self._parse(sid, &rid)
-        sh = &self._shards[rid.shard]
-        Py_INCREF(obj)  # the table's reference, if admitted
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            outcome = _admit(self, sh, &rid, <PyObject *>obj, dead, &ndead, &found)
-            if outcome == ADMITTED:
-                sh.created_by_id += 1
-            pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
+        self._insert(&rid, obj, True, &outcome)
         if outcome == ADMITTED:
             return CREATED
-        Py_DECREF(obj)
-        if outcome == OUT_OF_MEMORY:
-            raise MemoryError("session table could not grow")
         return LIVE if outcome == ALREADY_LIVE else DELETED
 
     def lookup(self, sid):
@@ -373,36 +382,14 @@ cdef class Registry:
     def get_or_create(self, sid, factory):
         """The live object, or a new ``factory()`` for a never-seen id, or DELETED."""
         cdef rs_id rid
-        cdef rs_shard *sh
-        cdef void *dead[EVICT_PER_OP + 1]
-        cdef int ndead = 0
-        cdef void *found = NULL
         cdef Admit outcome
         result = self.lookup(sid)
         if result is not NEVER_SEEN:
             return result
         obj = factory()  # no lock held: the factory may do anything
         self._parse(sid, &rid)
-        sh = &self._shards[rid.shard]
-        Py_INCREF(obj)  # the table's reference, if admitted
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            outcome = _admit(self, sh, &rid, <PyObject *>obj, dead, &ndead, &found)
-            if outcome == ADMITTED:
-                sh.auto_creates += 1
-        # GIL back, shard lock still held: a raced-in object cannot be freed under us.
-        if outcome == ALREADY_LIVE:
-            result = <object>found
-        pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
-        if outcome == ADMITTED:
-            return obj
-        Py_DECREF(obj)
-        if outcome == ALREADY_LIVE:
-            return result
-        if outcome == REFUSED_DELETED:
-            return DELETED
-        raise MemoryError("session table could not grow")
+        result = self._insert(&rid, obj, False, &outcome)
+        return DELETED if outcome == REFUSED_DELETED else result
 
     def remove(self, sid, expected=None):
         """Removes a live id and tombstones it; returns its object, or None if not live

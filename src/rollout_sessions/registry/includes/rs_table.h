@@ -6,8 +6,8 @@
  * threaded on a doubly linked LRU list (oldest access first), so idle-TTL
  * eviction pops expired entries off the head in O(1) each and never scans.
  *
- * Deletion uses backward-shift in the index, so the index holds no dummy
- * slots and probe chains never rot. A shard grows (and shrinks) by itself by
+ * Deletion uses backward-shift in the index (rs_probe.h), so the index
+ * holds no dummy slots and probe chains never rot. A shard grows (and shrinks) by itself by
  * rebuilding only its own arrays: one shard's rebuild never touches another.
  *
  * The caller holds the shard's lock; nothing here touches Python state, so
@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "rs_ids.h"
+#include "rs_probe.h"
 
 #define RS_NIL (-1)
 #define RS_MIN_CAP 8
@@ -79,6 +80,12 @@ static inline void rs_table_free(rs_table *t) {
     free(t->index);
     t->entries = NULL;
     t->index = NULL;
+}
+
+/* Home slot of the entry at position `e` (an index slot's reference). */
+static inline uint32_t rs_table_home_of(const void *owner, uint32_t e) {
+    const rs_table *t = (const rs_table *)owner;
+    return rs_home(t, t->entries[e].key);
 }
 
 /* Index slot holding `key`, or the negated (slot + 1) where it would go. */
@@ -175,22 +182,7 @@ static inline void *rs_table_delete_slot(rs_table *t, uint32_t slot) {
     x->next = t->free_head;
     t->free_head = e;
     t->live--;
-    /* Backward-shift: pull later members of the cluster into the hole when
-     * their home slot does not lie cyclically in (hole, j]. */
-    uint32_t hole = slot, j = slot;
-    for (;;) {
-        j = (j + 1) & t->mask;
-        int32_t f = t->index[j];
-        if (f == RS_NIL) break;
-        uint32_t home = rs_home(t, t->entries[f].key);
-        uint32_t dist_home = (j - home) & t->mask;
-        uint32_t dist_hole = (j - hole) & t->mask;
-        if (dist_home >= dist_hole) {
-            t->index[hole] = f;
-            hole = j;
-        }
-    }
-    t->index[hole] = RS_NIL;
+    rs_backshift((uint32_t *)t->index, t->mask, slot, (uint32_t)RS_NIL, rs_table_home_of, t);
     if (t->cap > RS_MIN_CAP && t->live < t->cap / 8) {
         /* Best effort: on allocation failure the shard simply stays large. */
         rs_table_rebuild(t, t->cap / 4 > RS_MIN_CAP ? t->cap / 4 : RS_MIN_CAP);

@@ -19,6 +19,7 @@
 #include <stdlib.h>
 
 #include "rs_ids.h"
+#include "rs_probe.h"
 
 typedef struct {
     rs_key key;
@@ -95,19 +96,10 @@ static inline int rs_tomb_contains(const rs_tombstone *t, rs_key key) {
     return rs_tomb_find(t, key) >= 0;
 }
 
-static inline void rs_tomb_unset(rs_tombstone *t, uint32_t slot) {
-    uint32_t hole = slot, j = slot;
-    for (;;) {
-        j = (j + 1) & t->set_mask;
-        uint32_t p = t->set[j];
-        if (p == 0) break;
-        uint32_t home = rs_tomb_home(t, t->ring[p - 1].key);
-        if (((j - home) & t->set_mask) >= ((j - hole) & t->set_mask)) {
-            t->set[hole] = p;
-            hole = j;
-        }
-    }
-    t->set[hole] = 0;
+/* Home slot of the grave at ring position `p` - 1 (a set slot's reference). */
+static inline uint32_t rs_tomb_home_of(const void *owner, uint32_t p) {
+    const rs_tombstone *t = (const rs_tombstone *)owner;
+    return rs_tomb_home(t, t->ring[p - 1].key);
 }
 
 /* Remembers `key` as deleted at `now`, forgetting the oldest entry if full. */
@@ -118,7 +110,7 @@ static inline void rs_tomb_push(rs_tombstone *t, rs_key key, double now, double 
         pos = t->oldest;
         rs_grave *victim = &t->ring[pos];
         int64_t slot = rs_tomb_find(t, victim->key);
-        if (slot >= 0) rs_tomb_unset(t, (uint32_t)slot);
+        if (slot >= 0) rs_backshift(t->set, t->set_mask, (uint32_t)slot, 0, rs_tomb_home_of, t);
         t->overwritten++;
         if (now - victim->when < retry_window) t->young_overwrites++;
         t->oldest = (t->oldest + 1 == t->cap) ? 0 : t->oldest + 1;

@@ -1,0 +1,286 @@
+"""A session's trajectory, kept once and compactly: memory linear in its length.
+
+What a turn sends and receives is mostly history: the request repeats every
+earlier message, the answer repeats every earlier token in its
+``prompt_token_ids``. The store keeps each thing once:
+
+- ``tokens``: one int32 buffer, the latest checkpoint (prompt + completion
+  ids of the last turn). Every earlier checkpoint is a prefix of it, except
+  where a boundary rule dropped a checkpoint's last token; those few tokens
+  are kept with their turn (``Turn.tail``);
+- ``messages``: each message once, as canonical JSON bytes, append-only; a
+  turn's request messages are the first ``n_messages`` of them (a turn whose
+  messages a later turn re-serialised differently keeps its own list of
+  references, ``Turn.own_messages``);
+- ``logprobs``: float32, the completion's logprobs of each turn, in order;
+- per turn, only what is new: the request's other fields (shared with the
+  previous turn when equal), and the answer without its
+  ``prompt_token_ids`` value, compressed (zstd), with the offset where that
+  value goes back.
+
+``record(k)`` rebuilds turn k's record byte for byte: the request as it was
+forwarded (messages and ``input_ids`` from the buffers) and the upstream's
+answer with its ``prompt_token_ids`` re-inserted (from the token buffer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import zstandard
+
+from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
+
+_ZSTD_LEVEL = 1  # tens of microseconds a turn; answers shrink 5-15x
+_compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+_decompressor = zstandard.ZstdDecompressor()
+
+PROMPT_KEY = b'"prompt_token_ids":'
+
+
+def ids_json(ids: array) -> bytes:
+    """Token ids as compact JSON (``[1,2,3]``), without a Python int per id."""
+    return orjson.dumps(np.frombuffer(ids, dtype=np.int32), option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def cut_prompt_ids(raw: bytes, response: dict[str, Any], prompt: array) -> tuple[bytes, int]:
+    """The answer without the value of ``choices[0].prompt_token_ids``, and where it was.
+
+    The value is found as sent when the upstream wrote it as compact JSON
+    (the key's opening quote is structural when no backslash precedes it:
+    inside a JSON string every quote is escaped); otherwise the parsed answer
+    is written again with the value left out. Either way, inserting
+    ``ids_json(prompt)`` at the offset gives an answer equal to the original.
+    """
+    value = ids_json(prompt)
+    at = raw.find(PROMPT_KEY)
+    while at > 0:
+        start = at + len(PROMPT_KEY)
+        if raw[at - 1] != 0x5C and raw.startswith(value, start):  # 0x5C: backslash
+            return raw[:start] + raw[start + len(value) :], start
+        at = raw.find(PROMPT_KEY, at + 1)
+    choice = response["choices"][0]
+    marker = "\x00prompt_token_ids\x00"
+    saved = choice["prompt_token_ids"]
+    choice["prompt_token_ids"] = marker
+    try:
+        text = orjson.dumps(response)
+    finally:
+        choice["prompt_token_ids"] = saved
+    hole = orjson.dumps(marker)
+    start = text.index(PROMPT_KEY + hole) + len(PROMPT_KEY)
+    return text[:start] + text[start + len(hole) :], start
+
+
+@dataclass(slots=True)
+class Turn:
+    """What one recorded turn adds to the store."""
+
+    timestamp: float
+    request_timestamp: float
+    rest: bytes  # the forwarded body's fields but messages and input_ids, without braces
+    n_messages: int  # its request messages: the store's first n_messages
+    prompt_len: int  # its prompt: tokens[:prompt_len]
+    end: int  # its checkpoint: tokens[:end] (prompt + completion)
+    with_input_ids: bool  # the request carried input_ids (token-in, token-out)
+    answer: bytes  # zstd of the answer without its prompt_token_ids value
+    cut: int  # where that value goes back
+    logprob_start: int  # its completion's logprobs: logprobs[logprob_start:]
+    stable: int = -1  # how much of its checkpoint is still in tokens (end until overwritten)
+    tail: array | None = None  # its checkpoint's tokens past `stable`, once overwritten
+    own_messages: list[bytes] | None = None  # its messages, once the store's were rewritten
+
+
+class Trajectory:
+    """The store of one session. Mutate only under the session lock."""
+
+    __slots__ = ("tokens", "messages", "logprobs", "turns", "version")
+
+    def __init__(self) -> None:
+        self.tokens = array(TOKEN_TYPECODE)
+        self.messages: list[bytes] = []
+        self.logprobs = array(LOGPROB_TYPECODE)
+        self.turns: list[Turn] = []
+        self.version = 0  # bumped by every commit: a plan is stale once it moves
+
+    # -- reading -----------------------------------------------------------------
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+    def message(self, index: int) -> dict[str, Any]:
+        return orjson.loads(self.messages[index])
+
+    def message_end(self, k: int) -> int:
+        """Message index just after turn ``k``'s generated assistant message."""
+        return self.turns[k].n_messages + 1
+
+    def checkpoint(self, turns: int) -> array:
+        """The checkpoint after the first ``turns`` turns (a copy; empty for 0)."""
+        if turns == 0:
+            return array(TOKEN_TYPECODE)
+        turn = self.turns[turns - 1]
+        stable = turn.end if turn.stable < 0 else turn.stable
+        out = self.tokens[:stable]
+        if turn.tail is not None:
+            out.extend(turn.tail)
+        return out
+
+    def prompt_ids(self, k: int) -> array:
+        turn = self.turns[k]
+        return self.checkpoint(k + 1)[: turn.prompt_len]
+
+    def request_messages(self, k: int) -> list[bytes]:
+        turn = self.turns[k]
+        if turn.own_messages is not None:
+            return turn.own_messages
+        return self.messages[: turn.n_messages]
+
+    def record(self, k: int, path: str) -> bytes:
+        """Turn ``k``'s record as JSON, rebuilt from the store."""
+        turn = self.turns[k]
+        parts = [b"{", turn.rest, b',"messages":[', b",".join(self.request_messages(k)), b"]"]
+        if not turn.rest:
+            parts[2] = b'"messages":['
+        prompt = ids_json(self.prompt_ids(k))
+        if turn.with_input_ids:
+            parts += [b',"input_ids":', prompt]
+        parts.append(b"}")
+        answer = _decompressor.decompress(turn.answer)
+        response = answer[: turn.cut] + prompt + answer[turn.cut :]
+        return orjson.dumps(
+            {
+                "timestamp": turn.timestamp,
+                "request_timestamp": turn.request_timestamp,
+                "method": "POST",
+                "path": path,
+                "status_code": 200,
+                "request": orjson.Fragment(b"".join(parts)),
+                "response": orjson.Fragment(response),
+            }
+        )
+
+    def snapshot(self) -> Trajectory:
+        """A copy that later commits cannot change (for a GET streamed over awaits)."""
+        copy = Trajectory()
+        copy.tokens = array(TOKEN_TYPECODE, self.tokens)
+        copy.messages = list(self.messages)
+        copy.logprobs = array(LOGPROB_TYPECODE, self.logprobs)
+        copy.turns = [dataclasses.replace(turn) for turn in self.turns]
+        copy.version = self.version
+        return copy
+
+    def records(self, path: str) -> Iterator[bytes]:
+        for k in range(len(self.turns)):
+            yield self.record(k, path)
+
+    # -- writing --------------------------------------------------------------------
+
+    def commit(
+        self,
+        keep: int,
+        exact: int,
+        message_bytes: list[bytes],
+        assistant: bytes,
+        rest: bytes,
+        with_input_ids: bool,
+        prompt: array,
+        completion: array,
+        logprobs: array,
+        answer: bytes,
+        cut: int,
+        timestamps: tuple[float, float],
+    ) -> None:
+        """Record a turn on top of the first ``keep`` turns (rolling back the rest).
+
+        ``exact``: how many stored messages ``message_bytes`` repeats byte for
+        byte. ``answer``/``cut``: the answer without its prompt ids (see
+        ``cut_prompt_ids``).
+        """
+        turns = self.turns
+        if keep < len(turns):
+            del self.logprobs[turns[keep].logprob_start :]
+            del turns[keep:]
+        checkpoint = prompt + completion
+        self._replace_tokens(checkpoint)
+        self._replace_messages(exact, message_bytes, assistant)
+        if turns and turns[-1].rest == rest:
+            rest = turns[-1].rest  # tools and sampling fields rarely change: share them
+        turns.append(
+            Turn(
+                timestamp=timestamps[0],
+                request_timestamp=timestamps[1],
+                rest=rest,
+                n_messages=len(message_bytes),
+                prompt_len=len(prompt),
+                end=len(checkpoint),
+                with_input_ids=with_input_ids,
+                answer=_compressor.compress(answer),
+                cut=cut,
+                logprob_start=len(self.logprobs),
+            )
+        )
+        self.logprobs.extend(logprobs)
+        self.version += 1
+
+    def _replace_tokens(self, checkpoint: array) -> None:
+        tokens = self.tokens
+        common = _common_prefix(tokens, checkpoint)
+        for turn in self.turns:
+            stable = turn.end if turn.stable < 0 else turn.stable
+            if stable > common:
+                # A boundary rule dropped this checkpoint's end: keep what is overwritten.
+                lost = tokens[common:stable]
+                turn.tail = lost if turn.tail is None else lost + turn.tail
+                turn.stable = common
+        del tokens[common:]
+        tokens.extend(checkpoint[common:])
+
+    def _replace_messages(self, exact: int, message_bytes: list[bytes], assistant: bytes) -> None:
+        stored = self.messages
+        if exact < len(stored):
+            for turn in self.turns:
+                if turn.n_messages > exact and turn.own_messages is None:
+                    turn.own_messages = stored[: turn.n_messages]
+            del stored[exact:]
+        stored.extend(message_bytes[exact:])
+        stored.append(assistant)
+
+    # -- training export --------------------------------------------------------------
+
+    def sample_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+        """``(tokens int32, loss_mask uint8, rollout_log_probs float32, turns)``.
+
+        ``turns`` holds each turn's ``[completion_start, completion_end)`` in
+        ``tokens``. The mask is 1 there: on each turn's generated tokens still
+        in the trajectory (a completion token a boundary rule dropped is not
+        trained on).
+        """
+        tokens = np.frombuffer(self.tokens, dtype=np.int32).copy()
+        mask = np.zeros(len(tokens), dtype=np.uint8)
+        logprobs = np.zeros(len(tokens), dtype=np.float32)
+        source = np.frombuffer(self.logprobs, dtype=np.float32)
+        spans = []
+        for turn in self.turns:
+            stable = turn.end if turn.stable < 0 else turn.stable
+            start, stop = turn.prompt_len, min(stable, len(tokens))
+            mask[start:stop] = 1
+            logprobs[start:stop] = source[turn.logprob_start : turn.logprob_start + stop - start]
+            spans.append([start, stop])
+        return tokens, mask, logprobs, spans
+
+
+def _common_prefix(a: array, b: array) -> int:
+    """Length of the longest common prefix of two int32 arrays."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    diff = np.frombuffer(a, np.int32)[:n] != np.frombuffer(b, np.int32)[:n]
+    return int(np.argmax(diff))

@@ -1,0 +1,73 @@
+"""Helpers shared by the store and trajectory tests: turns committed the way the
+chat route commits them, with SGLang-shaped answers."""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+import orjson
+
+from rollout_sessions.answer import parse_answer
+from rollout_sessions.store import Trajectory, cut_prompt_ids
+from rollout_sessions.trajectory import plan_turn
+
+TOOL = ("tool",)
+
+
+def answer_json(prompt: list[int], completion: list[int], message: dict[str, Any]) -> bytes:
+    return orjson.dumps(
+        {
+            "id": "x",
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": "stop",
+                    "prompt_token_ids": prompt,
+                    "meta_info": {
+                        "output_token_logprobs": [[-0.5 - t / 1000, t, None] for t in completion],
+                        "completion_tokens": len(completion),
+                    },
+                }
+            ],
+        }
+    )
+
+
+def commit(
+    traj: Trajectory,
+    messages: list[dict[str, Any]],
+    message: dict[str, Any],
+    prompt: list[int],
+    completion: list[int],
+    rest: dict[str, Any] | None = None,
+    roles: tuple[str, ...] = TOOL,
+    with_input_ids: bool = False,
+) -> bytes:
+    """Plan and record one turn; returns the answer as the upstream sent it."""
+    message_bytes = [orjson.dumps(m) for m in messages]
+    plan = plan_turn(traj, messages, message_bytes, roles)
+    raw = answer_json(prompt, completion, message)
+    parsed = parse_answer(raw)
+    cut, at = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
+    traj.commit(
+        keep=plan.keep,
+        exact=plan.exact,
+        message_bytes=message_bytes,
+        assistant=orjson.dumps(parsed.message),
+        rest=orjson.dumps({"model": "m"} if rest is None else rest)[1:-1],
+        with_input_ids=with_input_ids,
+        prompt=parsed.prompt_ids,
+        completion=parsed.completion_ids,
+        logprobs=parsed.logprobs,
+        answer=cut,
+        cut=at,
+        timestamps=(2.0, 1.0),
+    )
+    return raw
+
+
+def ids(values: list[int]) -> array:
+    return array("i", values)
