@@ -26,6 +26,7 @@ from rollout_sessions import errors, forwarding, openapi, sessions_api
 from rollout_sessions.chat import chat_completions
 from rollout_sessions.config import Settings, load_settings
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
+from rollout_sessions.echo.tokenized import TokenizedTemplate
 from rollout_sessions.errors import ApiError
 from rollout_sessions.metrics import Metrics
 from rollout_sessions.registry import Registry
@@ -196,7 +197,8 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
     async def on_start(app_: Application) -> None:
         settings = state.settings
         if settings.upstream is None:
-            echo = await start_echo_backend("127.0.0.1", echo_port or 0)
+            tokenized = TokenizedTemplate(state.tito) if state.tito is not None else None
+            echo = await start_echo_backend("127.0.0.1", echo_port or 0, tokenized=tokenized)
             echoes.append(echo)
             if echo_port is None:  # `serve` logged it already, as its first line
                 log.warning("no upstream configured: using embedded echo backend at %s", echo.url)

@@ -35,6 +35,7 @@ by a request's own ``chat_template_kwargs``.
 from __future__ import annotations
 
 import logging
+import os
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,10 @@ class Tito:
         chat_template: str | None = None,
         template_kwargs: dict[str, Any] | None = None,
     ) -> Tito:
-        """Load a tokenizer offline-first; ``ValueError`` names what is wrong."""
+        """Load a tokenizer; ``ValueError`` names what is wrong."""
+        # Only the tokenizer is used: transformers' notice that no deep-learning
+        # framework is installed is noise in our log.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from transformers import AutoTokenizer
 
         try:
@@ -199,15 +203,13 @@ class Tito:
         the error that names a message whose render is not append-only).
         """
         kwargs = self._kwargs(request_kwargs)
-        prefix = [
-            _DUMMY_SYSTEM,
-            {
-                "role": "assistant",
-                "content": "",
-                "reasoning_content": " ",
-                "tool_calls": last_assistant.get("tool_calls") or [],
-            },
-        ]
+        # No reasoning in the dummy assistant: a template that drops earlier
+        # reasoning once a user message follows (Qwen3's stock one) would
+        # otherwise render the prefix differently with and without the appended.
+        dummy = {"role": "assistant", "content": ""}
+        if last_assistant.get("tool_calls"):
+            dummy["tool_calls"] = last_assistant["tool_calls"]
+        prefix = [_DUMMY_SYSTEM, dummy]
         base = self.render(prefix, tools, False, kwargs)
         full = self.render(prefix + appended, tools, True, kwargs)
         if not full.startswith(base):

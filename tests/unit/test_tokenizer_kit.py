@@ -8,13 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from transformers import AutoTokenizer
 
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-
-from transformers import AutoTokenizer  # noqa: E402
-
-from rollout_sessions.testing.tokenizers import (  # noqa: E402
+from rollout_sessions.testing.tokenizers import (
     FAMILIES,
     SPECIAL_TOKENS,
     TEMPLATES,

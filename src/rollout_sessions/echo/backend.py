@@ -6,7 +6,8 @@ it as the backend whose answers they can predict.
 
 Chat answers follow SGLang with ``logprobs``, ``return_prompt_token_ids`` and
 ``return_meta_info``: ``choices[0].prompt_token_ids`` (the request's
-``input_ids`` when it sends them, else the toy template of ``template``),
+``input_ids`` when it sends them, else the toy template of ``template``, or
+with a tokenizer the real chat template, ``tokenized``),
 ``choices[0].meta_info.output_token_logprobs`` and ``completion_tokens``.
 
 Control fields for tests and demos ride in the request body under ``"echo"``
@@ -15,6 +16,9 @@ Control fields for tests and demos ride in the request body under ``"echo"``
     {"echo": {"latency_ms": 500,        # answer after this delay
               "text": "...",            # reply text instead of "echo: <last message>"
               "tool_rounds": 2,         # tool calls before a text answer (needs "tools")
+              "drift": true,            # with a tokenizer: a non-canonical tokenization
+              "reasoning": "...",       # reasoning_content of the reply
+              "replay": true,           # meta_info.routed_experts and indexer_topk
               "status": 503,            # answer this status with a JSON error body
               "fault": "no_meta_info" | "no_logprobs" | "content_none" |
                        "count_mismatch" | "no_prompt_ids" | "bad_prompt_ids" |
@@ -33,12 +37,15 @@ import asyncio
 import collections
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from rollout_sessions.echo.template import completion_tokens, prompt_tokens
+
+if TYPE_CHECKING:
+    from rollout_sessions.echo.tokenized import TokenizedTemplate
 
 HANG_S = 3600.0
 # Answers still pending when the backend stops (a hang fault) are cut after this.
@@ -95,9 +102,15 @@ class EchoStats:
 class EchoBackend:
     """A running echo backend: ``.url``, ``.stats``, ``await .close()``."""
 
-    def __init__(self, latency_s: float = 0.0, model: str = "echo") -> None:
+    def __init__(
+        self,
+        latency_s: float = 0.0,
+        model: str = "echo",
+        tokenized: TokenizedTemplate | None = None,
+    ) -> None:
         self.latency_s = latency_s
         self.model = model
+        self.tokenized = tokenized
         self.stats = EchoStats()
         self.url = ""
         self._counter = 0
@@ -274,10 +287,19 @@ class EchoBackend:
             text = control.get("text")
             message["content"] = text if isinstance(text, str) else "echo: " + last[:48]
             finish = "stop"
-        completion = completion_tokens(message)
+        reasoning = control.get("reasoning")
+        if isinstance(reasoning, str):
+            message["reasoning_content"] = reasoning
+        input_ids = req.get("input_ids")
+        if self.tokenized is not None:
+            drift = bool(control.get("drift"))
+            completion = self.tokenized.completion_ids(messages, message, tools, drift)
+            if not isinstance(input_ids, list):
+                input_ids = self.tokenized.prompt_ids(messages, tools)
+        else:
+            completion = completion_tokens(message)
         if fault == "content_none":
             message["content"] = None
-        input_ids = req.get("input_ids")
         prompt = list(input_ids) if isinstance(input_ids, list) else prompt_tokens(messages)
         if fault == "bad_prompt_ids":
             prompt = [299, *prompt]
@@ -300,6 +322,9 @@ class EchoBackend:
             if req.get("logprobs") and fault != "no_logprobs":
                 # Deterministic, finite, non-positive "logprobs".
                 meta["output_token_logprobs"] = [[-(t % 7) / 8.0, t, None] for t in completion]
+            if control.get("replay"):  # routing-replay payloads, as SGLang sends them
+                meta["routed_experts"] = "AAECAw=="
+                meta["indexer_topk"] = [[4], [5]]
             choice["meta_info"] = meta
         return {
             "id": f"chatcmpl-echo-{self._next_id()}",
@@ -332,9 +357,12 @@ async def _reset_mid_body(request: web.Request, body: bytes) -> web.StreamRespon
 
 
 async def start_echo_backend(
-    host: str = "127.0.0.1", port: int = 0, latency_s: float = 0.0
+    host: str = "127.0.0.1",
+    port: int = 0,
+    latency_s: float = 0.0,
+    tokenized: TokenizedTemplate | None = None,
 ) -> EchoBackend:
     """Start an echo backend on the running loop; ``.url`` tells where."""
-    backend = EchoBackend(latency_s=latency_s)
+    backend = EchoBackend(latency_s=latency_s, tokenized=tokenized)
     await backend.start(host, port)
     return backend

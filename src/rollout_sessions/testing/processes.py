@@ -169,12 +169,12 @@ def start_server(
 
 
 def start_echo(
-    latency_ms: float = 0.0, cls: type[ManagedProcess] = ManagedProcess
+    latency_ms: float = 0.0, *flags: str, cls: type[ManagedProcess] = ManagedProcess
 ) -> ManagedProcess:
-    """``rollout-sessions echo-backend`` on a free port, once it accepts."""
+    """``rollout-sessions echo-backend`` on a free port (plus ``flags``), once it answers."""
     port = free_port()
     argv = [sys.executable, "-m", "rollout_sessions.cli", "echo-backend"]
-    argv += ["--port", str(port), "--latency-ms", str(latency_ms)]
+    argv += ["--port", str(port), "--latency-ms", str(latency_ms), *flags]
     proc = cls(argv, port)
     try:
         proc.wait_healthy("/health")

@@ -1,0 +1,179 @@
+"""Token-in, token-out, in process, with tokenizers built offline (testing/tokenizers.py).
+
+The two claims:
+
+- under an append-only template, the ids built turn by turn decode to the
+  full render of the conversation (qwen3 and glm47 rules), even when the
+  model's own ids are a non-canonical tokenization of its text;
+- each turn's ids extend the previous checkpoint, also under a template that
+  rewrites history (Qwen3's stock one drops earlier ``<think>`` blocks),
+  where re-rendering the conversation would not.
+"""
+
+from __future__ import annotations
+
+from array import array
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rollout_sessions.echo.tokenized import TokenizedTemplate
+from rollout_sessions.errors import ApiError
+from rollout_sessions.testing.tokenizers import build_tokenizer
+from rollout_sessions.tito import RULES, Tito
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        (family, template): build_tokenizer(root / f"{family}-{template}", family, template)
+        for family, template in (
+            ("qwen3", "append_only"),
+            ("qwen3", "stock"),
+            ("glm47", "append_only"),
+        )
+    }
+
+
+def reply(turn: int, tool: bool) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "" if tool else f"The answer is {turn * 7}.",
+        "reasoning_content": f"Step {turn}: think about it.",
+    }
+    if tool:
+        call = {"name": "lookup", "arguments": f'{{"query": "q{turn}"}}'}
+        message["tool_calls"] = [{"id": f"c{turn}", "type": "function", "function": call}]
+    return message
+
+
+def run_conversation(
+    tito: Tito, turns: int, drift: bool, follow_up: str = "tool"
+) -> tuple[list[dict[str, Any]], list[array], list[array]]:
+    """Turn by turn as the chat route does it: (messages, prompts, checkpoints)."""
+    model = TokenizedTemplate(tito)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "You help."},
+        {"role": "user", "content": "Find things, then answer."},
+    ]
+    prompts: list[array] = []
+    checkpoints: list[array] = []
+    for turn in range(turns):
+        if not checkpoints:
+            prompt = tito.first_turn(messages, TOOLS)
+        else:
+            tail_start = len(messages) - 1
+            prompt = tito.next_turn(
+                checkpoints[-1], messages[tail_start - 1], messages[tail_start:], TOOLS
+            )
+        answer = reply(turn, tool=turn < turns - 1)
+        completion = model.completion_ids(messages, answer, TOOLS, drift=drift)
+        prompts.append(prompt)
+        checkpoints.append(prompt + array("i", completion))
+        appended = (
+            {"role": "tool", "tool_call_id": f"c{turn}", "content": f"result {turn}"}
+            if follow_up == "tool"
+            else {"role": "user", "content": f"And then {turn}?"}
+        )
+        messages = [*messages, answer, appended]
+    return messages, prompts, checkpoints
+
+
+@pytest.mark.parametrize(("family", "rule"), [("qwen3", "qwen3"), ("glm47", "glm47")])
+@pytest.mark.parametrize("drift", [False, True])
+def test_built_ids_decode_to_the_full_render(tokenizers, family, rule, drift):
+    tito = Tito.load(str(tokenizers[(family, "append_only")]), rule)
+    messages, prompts, _ = run_conversation(tito, turns=4, drift=drift)
+    tokenizer = tito.tokenizer
+    for k, prompt in enumerate(prompts):
+        history = messages[: 2 + 2 * k]
+        expected = tito.render(history, TOOLS, True, {})
+        assert tokenizer.decode(prompt.tolist()) == expected
+
+
+@pytest.mark.parametrize(
+    ("family", "template", "rule", "follow_up"),
+    [
+        ("qwen3", "append_only", "qwen3", "tool"),
+        ("qwen3", "stock", "qwen3", "tool"),
+        ("qwen3", "stock", "qwen3", "user"),
+        ("glm47", "append_only", "glm47", "tool"),
+        ("glm47", "append_only", "glm47", "user"),
+    ],
+)
+def test_every_turn_extends_the_previous_checkpoint(tokenizers, family, template, rule, follow_up):
+    tito = Tito.load(str(tokenizers[(family, template)]), rule)
+    _, prompts, checkpoints = run_conversation(tito, turns=5, drift=True, follow_up=follow_up)
+    for k in range(1, len(prompts)):
+        base = RULES[rule].apply(checkpoints[k - 1], tito._special)
+        assert prompts[k][: len(base)] == base
+
+
+def test_drift_gives_other_ids_for_the_same_text(tokenizers):
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "qwen3")
+    model = TokenizedTemplate(tito)
+    messages = [{"role": "user", "content": "hi"}]
+    answer = {"role": "assistant", "content": "A longer answer with several words."}
+    canonical = model.completion_ids(messages, answer, None)
+    drifted = model.completion_ids(messages, answer, None, drift=True)
+    assert canonical != drifted
+    decode = tito.tokenizer.decode
+    assert decode(canonical) == decode(drifted)
+    assert canonical[-1] == drifted[-1] == tito._special["<|im_end|>"]
+
+
+def test_stock_template_rewrites_history_so_re_rendering_breaks_the_prefix(tokenizers):
+    # What the non-TITO path would see: the backend re-renders the conversation.
+    tito = Tito.load(str(tokenizers[("qwen3", "stock")]), "qwen3")
+    messages, _, checkpoints = run_conversation(tito, turns=2, drift=False, follow_up="user")
+    rerendered = tito.first_turn(messages[:4], TOOLS)
+    assert rerendered[: len(checkpoints[0])] != checkpoints[0]
+
+
+# Renders the last message's role in capitals: appending rewrites what came before.
+REWRITING = """{%- for m in messages -%}
+{%- if loop.last %}<{{ m.role | upper }}>{% else %}<{{ m.role }}>{% endif %}{{ m.content }}
+{%- endfor -%}{%- if add_generation_prompt %}<assistant>{% endif -%}"""
+
+
+def test_a_render_that_is_not_append_only_is_400_naming_the_message(tokenizers, tmp_path):
+    template = tmp_path / "rewriting.jinja"
+    template.write_text(REWRITING)
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "default", str(template))
+    checkpoint = tito.first_turn([{"role": "user", "content": "a"}], None)
+    last = {"role": "assistant", "content": "b"}
+    appended = [{"role": "tool", "content": "c"}, {"role": "user", "content": "d"}]
+    with pytest.raises(ApiError) as err:
+        tito.next_turn(checkpoint, last, appended, None, first_index=3)
+    assert err.value.status == 400
+    assert "not append-only at message 3 (role='tool')" in err.value.message
+
+
+def test_boundary_rules():
+    special = {"<|im_end|>": 2, "\n": 10, "<|observation|>": 7, "<|user|>": 8}
+    apply = {name: rule.apply for name, rule in RULES.items()}
+    assert apply["qwen3"](array("i", [5, 2]), special).tolist() == [5, 2, 10]
+    assert apply["qwen3"](array("i", [5, 3]), special).tolist() == [5, 3]
+    assert apply["nemotron3"](array("i", [2]), special).tolist() == [2, 10]
+    assert apply["glm47"](array("i", [5, 7]), special).tolist() == [5]
+    assert apply["glm47"](array("i", [5, 8]), special).tolist() == [5]
+    assert apply["glm47"](array("i", [5, 9]), special).tolist() == [5, 9]
+    assert apply["default"](array("i", [5, 2]), special).tolist() == [5, 2]
+    assert apply["glm47"](array("i"), special).tolist() == []
+
+
+def test_a_tokenizer_without_the_rules_tokens_is_refused(tokenizers):
+    with pytest.raises(ValueError, match="needs '<\\|observation\\|>' to be one token"):
+        Tito.load(str(tokenizers[("qwen3", "append_only")]), "glm47")
+
+
+def test_template_kwargs_reach_the_render(tokenizers):
+    tito = Tito.load(str(tokenizers[("qwen3", "stock")]), "qwen3", None, {"enable_thinking": False})
+    messages = [{"role": "user", "content": "hi"}]
+    off = tito.tokenizer.decode(tito.first_turn(messages, None).tolist())
+    on = tito.tokenizer.decode(tito.first_turn(messages, None, {"enable_thinking": True}).tolist())
+    assert off != on and "<think>" in off
