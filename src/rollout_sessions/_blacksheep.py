@@ -7,14 +7,18 @@ test says which.
   (``Request._path``, what BlackSheep's own router matches on);
 - ``document_without_binders(endpoint)``: BlackSheep documents a handler's
   parameters only if it carries binders; ours take the bare request, so
-  they get an empty binder list (``endpoint.binders``).
+  they get an empty binder list (``endpoint.binders``);
+- ``all_routes(router)``: every route added so far, including those BlackSheep
+  applies only when the app starts (``Router._registered_routes``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
-from blacksheep import Request
+from blacksheep import Request, Router
+from blacksheep.server.routing import Route
 
 
 def raw_path(request: Request) -> bytes:
@@ -23,3 +27,10 @@ def raw_path(request: Request) -> bytes:
 
 def document_without_binders(endpoint: Any) -> None:
     endpoint.binders = []
+
+
+def all_routes(router: Router) -> Iterator[Route]:
+    for routes in router.routes.values():
+        yield from routes
+    for _method, route in router._registered_routes:
+        yield route

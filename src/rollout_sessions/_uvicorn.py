@@ -9,8 +9,8 @@ frames HTTP:
 
 - **head deadline**: a connection whose request head is not complete
   ``header_timeout_s`` after it opened (or, between requests, after the
-  first byte of the next head) is closed. uvicorn's keep-alive timer covers
-  the idle time between requests;
+  read that brought the first part of the next head) is closed. uvicorn's
+  keep-alive timer covers the idle time between requests;
 - **head size**: a head still incomplete past ``MAX_HEAD_BYTES`` gets
   uvicorn's 400 answer and the connection ends;
 - **connection cap**: past ``max_connections`` open connections a new one is
@@ -63,20 +63,25 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and self.parser is not None:
+        if not self._in_head or self.parser is None:
+            return
+        # A head still incomplete after this read: the deadline runs from now
+        # (a head that arrives in one read, the usual case, arms no timer).
+        if self._head_timer is None:
+            self._arm_head_timer()
+        if self._head_bytes > MAX_HEAD_BYTES:
             self._cancel_head_timer()
             self.send_400_response("Request head too large.")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        if self._head_timer is None:
-            self._arm_head_timer()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
-        self._cancel_head_timer()
+        if self._head_timer is not None:
+            self._cancel_head_timer()
         if self.parser.get_http_version() == "1.0":
             self.expect_100_continue = False
         super().on_headers_complete()

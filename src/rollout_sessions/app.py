@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
 import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 
 import orjson
 from blacksheep import Application, Content, Request, Response
@@ -34,7 +32,7 @@ from rollout_sessions.routing import SessionRouter
 from rollout_sessions.state import AppState
 from rollout_sessions.tito import tito_from_settings
 from rollout_sessions.upstream import Upstream
-from rollout_sessions.web import endpoint, error_response, raw_json_response
+from rollout_sessions.web import Guard, endpoint, error_response, raw_json_response
 
 log = logging.getLogger("rollout_sessions")
 
@@ -70,6 +68,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
         upstream=None,  # type: ignore[arg-type]  # created on start (may need the echo URL)
         metrics=Metrics(registry.stats, settings.retry_window_s),
         instance_id=secrets.token_hex(16),
+        guard=Guard(settings.api_key),
         tito=tito_from_settings(
             settings.tokenizer,
             settings.tito_model,
@@ -79,51 +78,13 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     )
     app = Application(router=SessionRouter(), show_error_details=False)
     app.state = state  # type: ignore[attr-defined]  # for tests and the CLI
-    docs = openapi.install(app)
+    docs = openapi.install(app, state.guard)
     sessions_api.add_routes(app, docs, state)
     forwarding.add_routes(app, docs, state, chat=chat_completions)
     _add_service_routes(app, docs, state)
-    app.middlewares.append(_guard(settings))
     _add_error_handlers(app, state)
     _add_lifecycle(app, state, echo_port)
     return app
-
-
-# --- request guards ----------------------------------------------------------
-
-Middleware = Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]
-
-
-def _guard(settings: Settings) -> Middleware:
-    """Checks every request before routing: Host, transfer coding, API key.
-
-    - an HTTP/1.1 request without ``Host`` is 400 (RFC 9112, 3.2);
-    - a transfer coding other than ``chunked`` is 501: the body would be
-      coded in a way the server does not decode;
-    - with ``API_KEY`` set, every route but ``/health`` needs
-      ``Authorization: Bearer <key>`` (compared in constant time), else 401.
-    """
-    expected = f"Bearer {settings.api_key}".encode() if settings.api_key else None
-
-    async def guard(
-        request: Request, handler: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        err = None
-        if request.get_first_header(b"host") is None and request.scope.get("http_version") != "1.0":
-            err = errors.missing_host()
-        else:
-            coding = request.get_first_header(b"transfer-encoding")
-            if coding is not None and coding.strip().lower() != b"chunked":
-                err = errors.unsupported_transfer_encoding(coding.decode("latin-1"))
-            elif expected is not None and request.path != "/health":
-                given = request.get_first_header(b"authorization") or b""
-                if not hmac.compare_digest(given, expected):
-                    err = errors.unauthorized()
-        if err is not None:
-            return error_response(err)
-        return await handler(request)
-
-    return guard
 
 
 # --- health, metrics, errors -------------------------------------------------
@@ -145,7 +106,7 @@ def _add_service_routes(app: Application, docs: openapi.OpenAPIHandler, state: A
 
     health_ep = openapi.document(
         docs,
-        endpoint(metrics, "GET", "/health", health),
+        endpoint(state, "GET", "/health", health, public=True),
         summary="Liveness and instance id",
         description="`session_server_instance_id` changes on every start.",
         tags=["service"],
@@ -153,14 +114,14 @@ def _add_service_routes(app: Application, docs: openapi.OpenAPIHandler, state: A
     )
     metrics_ep = openapi.document(
         docs,
-        endpoint(metrics, "GET", "/metrics", metrics_route),
+        endpoint(state, "GET", "/metrics", metrics_route),
         summary="Prometheus metrics",
         tags=["service"],
         responses={200: "Prometheus text exposition"},
     )
     app.router.add_get("/health", health_ep)
     app.router.add_get("/metrics", metrics_ep)
-    app.router.fallback = endpoint(metrics, "*", "unmatched", not_found)
+    app.router.fallback = endpoint(state, "*", "unmatched", not_found)
 
 
 def _add_error_handlers(app: Application, state: AppState) -> None:

@@ -181,10 +181,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: Ch
             return await chat(state, sid, request)
         return await forward(state, raw, request)
 
-    m = state.metrics
     chat_ep = document(
         docs,
-        endpoint(m, "POST", "/sessions/{id}" + CHAT_PATH, chat_route),
+        endpoint(state, "POST", "/sessions/{id}" + CHAT_PATH, chat_route),
         summary="Chat turn through a session",
         description="Forwarded to the upstream and recorded in the trajectory. A never-seen "
         "id is auto-created; a deleted or closing one answers 404.",
@@ -203,7 +202,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: Ch
     for method in PROXY_METHODS:
         ep = document(
             docs,
-            endpoint(m, method, "/sessions/{id}/{path}", proxy_route),
+            endpoint(state, method, "/sessions/{id}/{path}", proxy_route),
             summary="Forward to the upstream",
             description="Forwarded to `{upstream}/{path}`; no session state is touched.",
             tags=["proxy"],

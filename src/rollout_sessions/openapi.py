@@ -12,7 +12,8 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 from openapidocs.v3 import Info
 
 from rollout_sessions import __version__
-from rollout_sessions._blacksheep import document_without_binders
+from rollout_sessions._blacksheep import all_routes, document_without_binders
+from rollout_sessions.web import Guard
 
 ID_PARAM = {"id": ParameterInfo("Session id", str, ParameterSource.PATH, True)}
 PATH_PARAM = {
@@ -40,8 +41,9 @@ class _SwaggerUI(SwaggerUIProvider):
         return swagger_ui
 
 
-def install(app: Application) -> OpenAPIHandler:
-    """Serve the description and the UI for ``app``; returns the handler to document with."""
+def install(app: Application, guard: Guard) -> OpenAPIHandler:
+    """Serve the description and the UI for ``app``, behind ``guard``; returns the
+    handler to document routes with."""
     docs = OpenAPIHandler(
         info=Info(
             title="rollout-sessions",
@@ -51,6 +53,9 @@ def install(app: Application) -> OpenAPIHandler:
     )
     docs.ui_providers[:] = [_SwaggerUI("/docs")]
     docs.bind_app(app)
+    # bind_app has just registered the documentation routes, the only ones so far.
+    for route in all_routes(app.router):
+        route.handler = docs.ignore()(guard.wrap(route.handler))
     return docs
 
 

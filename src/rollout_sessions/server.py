@@ -151,6 +151,7 @@ def serve(settings: Settings) -> int:
         http=guarded_protocol(settings.header_timeout_s, connection_cap()),
         ws="none",
         lifespan="on",
+        proxy_headers=False,  # clients connect directly; no X-Forwarded-* to trust
         log_config=None,
         access_log=False,
         backlog=BACKLOG,

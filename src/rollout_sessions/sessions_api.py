@@ -100,10 +100,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             remove(sid, expected=session)
         return Response(204)
 
-    m = state.metrics
     create_ep = document(
         docs,
-        endpoint(m, "POST", "/sessions", create_session),
+        endpoint(state, "POST", "/sessions", create_session),
         summary="Create a session",
         description="Mint a new id, or create under the id of an optional body "
         '`{"session_id": "<id>"}`.',
@@ -118,7 +117,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     )
     get_ep = document(
         docs,
-        endpoint(m, "GET", "/sessions/{id}", get_session),
+        endpoint(state, "GET", "/sessions/{id}", get_session),
         summary="Read a session's trajectory",
         tags=["sessions"],
         parameters=ID_PARAM,
@@ -130,7 +129,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     )
     delete_ep = document(
         docs,
-        endpoint(m, "DELETE", "/sessions/{id}", delete_session),
+        endpoint(state, "DELETE", "/sessions/{id}", delete_session),
         summary="Delete a session",
         description="The id never comes back: later chat, GET and DELETE of it answer 404.",
         tags=["sessions"],

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from rollout_sessions.registry import Registry
     from rollout_sessions.tito import Tito
     from rollout_sessions.upstream import Upstream
+    from rollout_sessions.web import Guard
 
 
 @dataclass(slots=True)
@@ -23,6 +24,7 @@ class AppState:
     upstream: Upstream
     metrics: Metrics
     instance_id: str
+    guard: Guard
     tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
 
     @property

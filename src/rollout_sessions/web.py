@@ -6,6 +6,8 @@ Kept free of framework machinery on purpose: these run on every request.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import inspect
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +20,7 @@ from rollout_sessions import errors
 from rollout_sessions.errors import ApiError
 
 if TYPE_CHECKING:
-    from rollout_sessions.metrics import Metrics
+    from rollout_sessions.state import AppState
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -30,18 +32,68 @@ JSON_TYPE = b"application/json"
 _CLOSE_AFTER = frozenset({408, 413})
 
 
-def endpoint(metrics: Metrics, method: str, template: str, handler: Handler) -> Handler:
-    """``handler`` as a route: ``ApiError`` becomes its JSON answer, latency a histogram.
+class Guard:
+    """What every request must pass before its route runs.
+
+    - an HTTP/1.1 request without ``Host`` is 400 (RFC 9112, 3.2);
+    - a transfer coding other than ``chunked`` is 501: the body would be
+      coded in a way the server does not decode;
+    - with ``API_KEY`` set, every route but the public ones (``/health``)
+      needs ``Authorization: Bearer <key>``, compared in constant time; else 401.
+    """
+
+    __slots__ = ("_expected",)
+
+    def __init__(self, api_key: str | None) -> None:
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    def refuse(self, request: Request, public: bool = False) -> ApiError | None:
+        if request.get_first_header(b"host") is None and request.scope.get("http_version") != "1.0":
+            return errors.missing_host()
+        coding = request.get_first_header(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            return errors.unsupported_transfer_encoding(coding.decode("latin-1"))
+        expected = self._expected
+        if expected is not None and not public:
+            given = request.get_first_header(b"authorization") or b""
+            if not hmac.compare_digest(given, expected):
+                return errors.unauthorized()
+        return None
+
+    def wrap(self, handler: Handler) -> Handler:
+        """``handler`` behind this guard (for routes not made by ``endpoint``)."""
+
+        async def guarded(request: Request) -> Response:
+            err = self.refuse(request)
+            if err is not None:
+                return error_response(err)
+            result = handler(request)
+            return await result if inspect.isawaitable(result) else result
+
+        guarded.__annotations__ = {"request": Request, "return": Response}
+        return guarded
+
+
+def endpoint(
+    state: AppState, method: str, template: str, handler: Handler, public: bool = False
+) -> Handler:
+    """``handler`` as a route: guarded (``Guard``), ``ApiError`` answered as JSON,
+    latency kept in a histogram.
 
     Every handler takes only ``request`` and is annotated ``-> Response``, so
     BlackSheep calls it directly (no binders, no output wrapper).
     """
+    metrics = state.metrics
+    refuse = state.guard.refuse
     observe = metrics.route(method, template).observe
     count_error = metrics.responses.inc
 
     async def route(request: Request) -> Response:
         start = perf_counter()
         try:
+            err = refuse(request, public)
+            if err is not None:
+                raise err
             return await handler(request)
         except ApiError as err:
             count_error(str(err.status))
@@ -51,6 +103,9 @@ def endpoint(metrics: Metrics, method: str, template: str, handler: Handler) -> 
 
     route.__name__ = handler.__name__
     route.__doc__ = handler.__doc__
+    # Real classes, not the strings postponed annotations leave: BlackSheep
+    # calls a handler directly only if it sees `-> Response` itself.
+    route.__annotations__ = {"request": Request, "return": Response}
     return route
 
 

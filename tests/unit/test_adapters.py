@@ -14,7 +14,7 @@ import uvicorn
 from blacksheep import Request
 
 from rollout_sessions._aiohttp import StrictResponseHandler, strict_connector
-from rollout_sessions._blacksheep import document_without_binders, raw_path
+from rollout_sessions._blacksheep import all_routes, document_without_binders, raw_path
 from rollout_sessions._uvicorn import GuardedHttpToolsProtocol, guarded_protocol
 
 # --- BlackSheep --------------------------------------------------------------------------
@@ -30,6 +30,21 @@ def test_document_without_binders_sets_an_empty_binder_list():
 
     document_without_binders(handler)
     assert handler.binders == []  # type: ignore[attr-defined]
+
+
+def test_all_routes_sees_routes_before_and_after_they_are_applied():
+    from blacksheep import Router
+
+    async def a(request: Request) -> None: ...
+
+    async def b(request: Request) -> None: ...
+
+    router = Router()
+    router.add_get("/a", a)
+    assert [r.handler for r in all_routes(router)] == [a]
+    router.apply_routes()
+    router.add_get("/b", b)
+    assert {r.handler for r in all_routes(router)} == {a, b}
 
 
 # --- aiohttp -----------------------------------------------------------------------------
