@@ -20,7 +20,7 @@ import time
 import orjson
 from blacksheep import Application, Content, Request, Response
 
-from rollout_sessions import errors, forwarding, openapi, sessions_api
+from rollout_sessions import errors, export, forwarding, openapi, sessions_api
 from rollout_sessions.chat import chat_completions
 from rollout_sessions.config import Settings, load_settings
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
@@ -80,6 +80,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     app.state = state  # type: ignore[attr-defined]  # for tests and the CLI
     docs = openapi.install(app, state.guard)
     sessions_api.add_routes(app, docs, state)
+    export.add_routes(app, docs, state)
     forwarding.add_routes(app, docs, state, chat=chat_completions)
     _add_service_routes(app, docs, state)
     _add_error_handlers(app, state)

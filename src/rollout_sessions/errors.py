@@ -71,6 +71,10 @@ def method_not_allowed(method: str, path: str, allowed: str) -> ApiError:
     return ApiError(405, f"method {method} not allowed for {path}; allowed: {allowed}")
 
 
+def invalid_samples_request(detail: str) -> ApiError:
+    return ApiError(400, f"invalid samples request: {detail}")
+
+
 # --- chat turn and upstream calls ---
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from rollout_sessions.store import Trajectory
+import orjson
+
+from rollout_sessions.store import Trajectory, ids_json
 
 
 class Session:
@@ -41,13 +43,16 @@ class Session:
         return traj
 
 
-def metadata(traj: Trajectory | None, max_trim_tokens: int = 0) -> dict[str, Any]:
-    """The ``metadata`` of ``GET /sessions/{id}`` for a live session."""
-    return {
-        "accumulated_token_ids": traj.tokens.tolist() if traj is not None else [],
-        "num_assistant": traj.num_turns if traj is not None else 0,
-        "max_trim_tokens": max_trim_tokens,
-    }
+def metadata(traj: Trajectory | None, max_trim_tokens: int = 0) -> bytes:
+    """The ``metadata`` of ``GET /sessions/{id}`` for a live session, as JSON."""
+    tokens = ids_json(traj.tokens) if traj is not None else b"[]"
+    return orjson.dumps(
+        {
+            "accumulated_token_ids": orjson.Fragment(tokens),
+            "num_assistant": traj.num_turns if traj is not None else 0,
+            "max_trim_tokens": max_trim_tokens,
+        }
+    )
 
 
 def empty_snapshot(session_id: str) -> dict[str, Any]:

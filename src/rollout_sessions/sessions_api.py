@@ -70,7 +70,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             raise errors.session_not_found(sid)
         traj = session.traj.snapshot() if session.traj is not None else None
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
-        tail = b'],"metadata":%s}' % orjson.dumps(metadata(traj, state.max_trim_tokens))
+        tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens)
         if traj is None or traj.num_turns == 0:
             return raw_json_response(head + tail)
 

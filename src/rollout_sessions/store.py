@@ -78,9 +78,13 @@ def cut_prompt_ids(raw: bytes, response: dict[str, Any], prompt: array) -> tuple
     return text[:start] + text[start + len(hole) :], start
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Turn:
-    """What one recorded turn adds to the store."""
+    """What one recorded turn adds to the store.
+
+    Frozen: a commit that must change an earlier turn replaces it, so a
+    snapshot (a shallow copy of the list) never changes under a reader.
+    """
 
     timestamp: float
     request_timestamp: float
@@ -168,12 +172,13 @@ class Trajectory:
         )
 
     def snapshot(self) -> Trajectory:
-        """A copy that later commits cannot change (for a GET streamed over awaits)."""
+        """A copy of what the records are rebuilt from, which later commits cannot
+        change (for a GET streamed over awaits). Cheap: the buffers' bytes are
+        copied, messages and turns (immutable) are shared."""
         copy = Trajectory()
-        copy.tokens = array(TOKEN_TYPECODE, self.tokens)
+        copy.tokens = self.tokens[:]
         copy.messages = list(self.messages)
-        copy.logprobs = array(LOGPROB_TYPECODE, self.logprobs)
-        copy.turns = [dataclasses.replace(turn) for turn in self.turns]
+        copy.turns = list(self.turns)
         copy.version = self.version
         return copy
 
@@ -222,7 +227,8 @@ class Trajectory:
                 prompt_len=len(prompt),
                 end=len(checkpoint),
                 with_input_ids=with_input_ids,
-                answer=_compressor.compress(answer),
+                # A copy of exact size: zstandard's result keeps its worst-case allocation.
+                answer=bytes(memoryview(_compressor.compress(answer))),
                 cut=cut,
                 logprob_start=len(self.logprobs),
             )
@@ -233,22 +239,24 @@ class Trajectory:
     def _replace_tokens(self, checkpoint: array) -> None:
         tokens = self.tokens
         common = _common_prefix(tokens, checkpoint)
-        for turn in self.turns:
+        turns = self.turns
+        for k, turn in enumerate(turns):
             stable = turn.end if turn.stable < 0 else turn.stable
             if stable > common:
                 # A boundary rule dropped this checkpoint's end: keep what is overwritten.
                 lost = tokens[common:stable]
-                turn.tail = lost if turn.tail is None else lost + turn.tail
-                turn.stable = common
+                tail = lost if turn.tail is None else lost + turn.tail
+                turns[k] = dataclasses.replace(turn, stable=common, tail=tail)
         del tokens[common:]
         tokens.extend(checkpoint[common:])
 
     def _replace_messages(self, exact: int, message_bytes: list[bytes], assistant: bytes) -> None:
         stored = self.messages
         if exact < len(stored):
-            for turn in self.turns:
+            turns = self.turns
+            for k, turn in enumerate(turns):
                 if turn.n_messages > exact and turn.own_messages is None:
-                    turn.own_messages = stored[: turn.n_messages]
+                    turns[k] = dataclasses.replace(turn, own_messages=stored[: turn.n_messages])
             del stored[exact:]
         stored.extend(message_bytes[exact:])
         stored.append(assistant)

@@ -1,0 +1,122 @@
+"""``POST /sessions/{id}/samples``: a session's trajectory as one training sample.
+
+What a trainer wants instead of re-parsing records, linear in the
+trajectory's size (records are quadratic):
+
+- ``tokens`` (int32): the trajectory, every prompt and completion once;
+- ``loss_mask`` (uint8): 1 on generated tokens, 0 on prompt and tool tokens;
+- ``rollout_log_probs`` (float32): the sampler's logprob of each generated
+  token, 0 where the mask is 0;
+- metadata: ``session_id``, ``num_assistant``, ``turns`` (each turn's
+  ``[completion_start, completion_end)`` in ``tokens``), ``length``, and, when
+  ``max_seq_len`` cut it, ``truncated: true`` with the ``original_length``.
+
+The answer is ``application/octet-stream`` safetensors (the metadata in its
+``__metadata__``, values as JSON text), or JSON lists with ``Accept:
+application/json``. Body: ``{}`` or ``{"max_seq_len": n}``. A deleted id is
+404; a never-seen id answers an empty sample and nothing is created.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from blacksheep import Application, Content, Request, Response
+from blacksheep.server.openapi.v3 import OpenAPIHandler
+from safetensors.numpy import save
+
+from rollout_sessions import errors
+from rollout_sessions.openapi import ID_PARAM, document
+from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
+from rollout_sessions.store import Trajectory
+from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body
+
+if TYPE_CHECKING:
+    from rollout_sessions.state import AppState
+
+SAFETENSORS_TYPE = b"application/octet-stream"
+SAMPLES_PATH = "/samples"
+
+
+def sample(
+    session_id: str, traj: Trajectory | None, max_seq_len: int | None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and the metadata of a session's training sample."""
+    if traj is None or traj.num_turns == 0:
+        tokens = np.zeros(0, dtype=np.int32)
+        mask = np.zeros(0, dtype=np.uint8)
+        logprobs = np.zeros(0, dtype=np.float32)
+        turns: list[list[int]] = []
+    else:
+        tokens, mask, logprobs, turns = traj.sample_arrays()
+    meta: dict[str, Any] = {
+        "session_id": session_id,
+        "num_assistant": len(turns),
+        "turns": turns,
+        "length": len(tokens),
+        "truncated": False,
+    }
+    if max_seq_len is not None and len(tokens) > max_seq_len:
+        meta.update(truncated=True, original_length=len(tokens), length=max_seq_len)
+        tokens, mask, logprobs = tokens[:max_seq_len], mask[:max_seq_len], logprobs[:max_seq_len]
+        meta["turns"] = [[a, min(b, max_seq_len)] for a, b in turns if a < max_seq_len]
+    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": logprobs}
+    return arrays, meta
+
+
+def _max_seq_len(body: bytes) -> int | None:
+    if not body:
+        return None
+    data = parse_json(body)
+    if type(data) is not dict:
+        raise errors.bad_json("expected a JSON object")
+    value = data.get("max_seq_len")
+    if value is not None and (type(value) is not int or value < 1):
+        raise errors.invalid_samples_request("max_seq_len must be a positive integer")
+    return value
+
+
+def _wants_json(request: Request) -> bool:
+    accept = request.get_first_header(b"accept") or b""
+    return b"application/json" in accept.lower()
+
+
+def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
+    settings = state.settings
+    lookup = state.registry.lookup
+
+    async def samples(request: Request) -> Response:
+        sid = request.route_values["id"]
+        id_checked(validate_id, sid)
+        max_seq_len = _max_seq_len(
+            await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
+        )
+        session = lookup(sid)
+        if session is DELETED:
+            raise errors.session_not_found(sid)
+        traj = None if session is NEVER_SEEN else session.traj
+        arrays, meta = sample(sid, traj, max_seq_len)
+        if _wants_json(request):
+            body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
+            return Response(200, None, Content(JSON_TYPE, body))
+        text_meta = {k: v if type(v) is str else orjson.dumps(v).decode() for k, v in meta.items()}
+        return Response(200, None, Content(SAFETENSORS_TYPE, save(arrays, metadata=text_meta)))
+
+    ep = document(
+        docs,
+        endpoint(state, "POST", "/sessions/{id}" + SAMPLES_PATH, samples),
+        summary="The trajectory as a training sample",
+        description="safetensors (`tokens` int32, `loss_mask` uint8, `rollout_log_probs` "
+        "float32, metadata) or JSON with `Accept: application/json`. Body `{}` or "
+        '`{"max_seq_len": n}`.',
+        tags=["sessions"],
+        parameters=ID_PARAM,
+        responses={
+            200: "the sample; a never-seen id gives an empty one",
+            400: "invalid id or body",
+            404: "the id was deleted",
+        },
+    )
+    app.router.add_post("/sessions/{id}" + SAMPLES_PATH, ep)
