@@ -1,6 +1,7 @@
 """The application: built from settings, started and stopped by the ASGI lifespan.
 
-``create_app(settings)`` wires the registry, the metrics, the routes
+``create_app(settings)`` opens the journal and restores the registry from it
+(``restart``), and wires the metrics, the routes
 (``sessions_api``, ``chat`` through ``forwarding``, service routes here), the
 request guards and the start-up and shutdown work: the upstream client, the
 embedded echo backend when no upstream is configured, and idle-TTL
@@ -27,7 +28,7 @@ from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
 from rollout_sessions.echo.tokenized import TokenizedTemplate
 from rollout_sessions.errors import ApiError
 from rollout_sessions.metrics import Metrics
-from rollout_sessions.registry import Registry
+from rollout_sessions.restart import open_registry
 from rollout_sessions.routing import SessionRouter
 from rollout_sessions.state import AppState
 from rollout_sessions.tito import tito_from_settings
@@ -56,12 +57,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     """Build the app. With no upstream configured, its start-up starts the
     embedded echo backend on ``echo_port`` (any free port if None) and
     forwards to it."""
-    registry = Registry(
-        shards=settings.shards,
-        tombstone_capacity=settings.tombstone_capacity,
-        retry_window=settings.retry_window_s,
-        ttl=settings.session_ttl_s,
-    )
+    registry, journal = open_registry(settings)
     state = AppState(
         settings=settings,
         registry=registry,
@@ -69,6 +65,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
         metrics=Metrics(registry.stats, settings.retry_window_s),
         instance_id=secrets.token_hex(16),
         guard=Guard(settings.api_key),
+        journal=journal,
         tito=tito_from_settings(
             settings.tokenizer,
             settings.tito_model,
@@ -175,6 +172,8 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
         )
         await upstream.start()
         state.upstream = upstream
+        if state.journal is not None:
+            state.journal.start(asyncio.get_running_loop())
         tasks.append(asyncio.create_task(_housekeeping(state), name="rollout-sessions-ttl"))
 
     async def on_stop(app_: Application) -> None:
@@ -185,6 +184,8 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
         tasks.clear()
         if state.upstream is not None:
             await state.upstream.close()
+        if state.journal is not None:
+            await state.journal.close()
         for echo in echoes:
             await echo.close()
         echoes.clear()

@@ -182,7 +182,9 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         return passthrough(answer)
     parsed = _parsed(state, answer.body, input_ids)
     async with lock:
-        outcome = _record(session, plan, turn, parsed, answer.body, input_ids, base)
+        outcome = await _record(
+            state, session_id, session, plan, turn, parsed, answer.body, input_ids, base
+        )
     state.metrics.chat_turns.inc(outcome)
     if outcome == "checkpoint_mismatch":
         raise errors.checkpoint_mismatch(*_mismatch(base, parsed))  # type: ignore[arg-type]
@@ -234,7 +236,9 @@ def _mismatch(base: array, parsed: ParsedAnswer) -> tuple[int, int, int]:
     return len(base), len(tokens), _first_difference(base, tokens)
 
 
-def _record(
+async def _record(
+    state: AppState,
+    session_id: str,
     session: Session,
     plan: Plan,
     turn: ChatRequest,
@@ -243,7 +247,8 @@ def _record(
     input_ids: array | None,
     base: array | None,
 ) -> str:
-    """Step 4, under the lock: record the turn, or say why not (the outcome)."""
+    """Step 4, under the lock: record the turn (journal first, when there is
+    one), or say why not (the outcome)."""
     if session.closing:
         return "closing"
     traj = session.trajectory
@@ -254,7 +259,7 @@ def _record(
     if base is not None and input_ids is None and not is_prefix(base, parsed):
         return "checkpoint_mismatch"
     answer, cut = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
-    traj.commit(
+    write = traj.prepare(
         keep=plan.keep,
         exact=plan.exact,
         message_bytes=turn.message_bytes,
@@ -268,6 +273,12 @@ def _record(
         cut=cut,
         timestamps=(time.time(), turn.arrived),
     )
+    journal = state.journal
+    if journal is not None:
+        # Committed before it is answered (and before the store changes):
+        # a turn answered survives a kill, a failed write changes nothing.
+        await journal.turn(state.registry.key_of(session_id), session_id, "auto", write)
+    traj.apply(write, keep_answer=journal is None)
     return "recorded"
 
 

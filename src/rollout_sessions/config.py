@@ -45,6 +45,11 @@ class Settings:
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     tito_model: str = "default"
+    data_dir: str = "./rollout-sessions-data"
+    journal: bool = True
+    journal_sync: str = "normal"
+    journal_max_bytes: int | None = None
+    instance_tag: int = 0
 
 
 class SettingsError(ValueError):
@@ -157,6 +162,32 @@ def _tito_model(raw: str) -> str:
     value = raw.strip().lower()
     if value not in RULES:
         raise ValueError(f"must be one of {', '.join(RULES)}, got {raw!r}")
+    return value
+
+
+def _on_off(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"must be on or off, got {raw!r}")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _directory(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must be a directory path")
     return value
 
 
@@ -296,6 +327,39 @@ SPECS: tuple[_Spec, ...] = (
         "(newline after a final <|im_end|>; Qwen3, Qwen3.5, Qwen3-Next, Nemotron-3), glm47 "
         "(drop a final <|observation|> or <|user|>; GLM-4.5 to GLM-5)",
     ),
+    _Spec(
+        "data_dir",
+        _directory,
+        "DIR",
+        "where the journal lives (an SQLite database): sessions, turns and deletes survive "
+        "a restart, kill -9 included",
+    ),
+    _Spec(
+        "journal",
+        _on_off,
+        "on|off",
+        "off (or --no-journal): memory only, nothing is written to disk",
+    ),
+    _Spec(
+        "journal_sync",
+        _choice("normal", "full"),
+        "normal|full",
+        "normal: an answered turn survives a killed process (a power loss may lose the last "
+        "ones); full: it survives a power loss too (an fsync per commit)",
+    ),
+    _Spec(
+        "journal_max_bytes",
+        _int_in(1 << 20),
+        "BYTES",
+        "cap on the journal's size; a write past it is answered 507 (default: the disk)",
+    ),
+    _Spec(
+        "instance_tag",
+        _int_in(0, 4095),
+        "K",
+        "this instance's tag (0-4095), the first 3 hex digits of the ids it mints; "
+        "a cluster routes minted ids back by it",
+    ),
 )
 
 _DEFAULTS = Settings()
@@ -309,6 +373,8 @@ def _show_default(value: Any) -> str:
         return ",".join(value) if value else "(empty)"
     if isinstance(value, dict):
         return json.dumps(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return str(value)
 
 
@@ -327,6 +393,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"{spec.help} (default: {default}; env {spec.env})",
         )
+    group.add_argument(
+        "--no-journal",
+        dest="journal",
+        action="store_const",
+        const="off",
+        help="the same as --journal off",
+    )
 
 
 def load_settings(
@@ -353,6 +426,8 @@ def load_settings(
             # Programmatic callers may pass typed values; validate their text form.
             if isinstance(raw, dict):
                 raw = json.dumps(raw)
+            elif isinstance(raw, bool):
+                raw = "on" if raw else "off"
             else:
                 raw = ",".join(raw) if isinstance(raw, (tuple, list)) else str(raw)
         try:

@@ -75,6 +75,18 @@ def invalid_samples_request(detail: str) -> ApiError:
     return ApiError(400, f"invalid samples request: {detail}")
 
 
+def journal_full() -> ApiError:
+    return ApiError(
+        507,
+        "journal full: no space left in DATA_DIR (disk full or JOURNAL_MAX_BYTES reached); "
+        "nothing was recorded",
+    )
+
+
+def journal_failed(detail: str) -> ApiError:
+    return ApiError(500, f"journal write failed: {detail}; nothing was recorded")
+
+
 # --- chat turn and upstream calls ---
 
 

@@ -19,6 +19,7 @@ application/json``. Body: ``{}`` or ``{"max_seq_len": n}``. A deleted id is
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from safetensors.numpy import save
 from rollout_sessions import errors
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
+from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
 from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body
 
@@ -40,17 +42,34 @@ SAFETENSORS_TYPE = b"application/octet-stream"
 SAMPLES_PATH = "/samples"
 
 
+async def _read(
+    state: AppState, sid: str, session: Session
+) -> tuple[Trajectory, list[array] | None]:
+    """The trajectory (a snapshot) and, when the journal keeps them, its logprobs."""
+    journal = state.journal
+    async with session.lock:  # no turn of this session is being written meanwhile
+        traj = session.trajectory
+        if journal is None:
+            return traj.snapshot_with_logprobs(), None
+        snapshot = traj.snapshot()
+        pending = journal.logprobs(state.registry.key_of(sid))
+    return snapshot, await pending
+
+
 def sample(
-    session_id: str, traj: Trajectory | None, max_seq_len: int | None
+    session_id: str,
+    traj: Trajectory | None,
+    max_seq_len: int | None,
+    logprobs: list[array] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays and the metadata of a session's training sample."""
     if traj is None or traj.num_turns == 0:
         tokens = np.zeros(0, dtype=np.int32)
         mask = np.zeros(0, dtype=np.uint8)
-        logprobs = np.zeros(0, dtype=np.float32)
+        values = np.zeros(0, dtype=np.float32)
         turns: list[list[int]] = []
     else:
-        tokens, mask, logprobs, turns = traj.sample_arrays()
+        tokens, mask, values, turns = traj.sample_arrays(logprobs)
     meta: dict[str, Any] = {
         "session_id": session_id,
         "num_assistant": len(turns),
@@ -60,9 +79,9 @@ def sample(
     }
     if max_seq_len is not None and len(tokens) > max_seq_len:
         meta.update(truncated=True, original_length=len(tokens), length=max_seq_len)
-        tokens, mask, logprobs = tokens[:max_seq_len], mask[:max_seq_len], logprobs[:max_seq_len]
+        tokens, mask, values = tokens[:max_seq_len], mask[:max_seq_len], values[:max_seq_len]
         meta["turns"] = [[a, min(b, max_seq_len)] for a, b in turns if a < max_seq_len]
-    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": logprobs}
+    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": values}
     return arrays, meta
 
 
@@ -96,8 +115,10 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         session = lookup(sid)
         if session is DELETED:
             raise errors.session_not_found(sid)
-        traj = None if session is NEVER_SEEN else session.traj
-        arrays, meta = sample(sid, traj, max_seq_len)
+        traj, logprobs = None, None
+        if session is not NEVER_SEEN and session.traj is not None:
+            traj, logprobs = await _read(state, sid, session)
+        arrays, meta = sample(sid, traj, max_seq_len, logprobs)
         if _wants_json(request):
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
             return Response(200, None, Content(JSON_TYPE, body))

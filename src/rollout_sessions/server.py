@@ -26,6 +26,7 @@ from blacksheep import Application
 from rollout_sessions._uvicorn import guarded_protocol
 from rollout_sessions.app import create_app
 from rollout_sessions.config import Settings, unknown_env_vars
+from rollout_sessions.journal import JournalError
 
 log = logging.getLogger("rollout_sessions")
 
@@ -141,7 +142,11 @@ def serve(settings: Settings) -> int:
         )
     for name in unknown_env_vars():
         log.warning("ignoring unknown setting %s (see rollout-sessions serve --help)", name)
-    app = create_app(settings, echo_port=echo_port)
+    try:
+        app = create_app(settings, echo_port=echo_port)
+    except JournalError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
     app.on_start += settle_gc
     config = uvicorn.Config(
         app,

@@ -20,10 +20,12 @@ from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions import errors
+from rollout_sessions.errors import ApiError
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN
 from rollout_sessions.routing import CHAT_PATH, SessionRouter
 from rollout_sessions.session import Session, empty_snapshot, metadata
+from rollout_sessions.store import Trajectory
 from rollout_sessions.web import (
     JSON_TYPE,
     endpoint,
@@ -38,10 +40,61 @@ if TYPE_CHECKING:
     from rollout_sessions.state import AppState
 
 
+async def read_trajectory(
+    state: AppState, sid: str, session: Session
+) -> tuple[Trajectory | None, list[bytes] | None]:
+    """A snapshot of a session's trajectory, and its answers when the journal keeps them.
+
+    The journal's read is queued while the session lock is held, so it sees
+    exactly the turns of the snapshot: no turn of this session is being
+    written meanwhile (a turn holds the lock until its write is committed).
+    """
+    traj = session.traj
+    if traj is None:
+        return None, None
+    journal = state.journal
+    if journal is None:
+        return traj.snapshot(), None
+    async with session.lock:
+        traj = session.traj
+        snapshot = traj.snapshot() if traj is not None else None
+        pending = journal.answers(state.registry.key_of(sid))
+    return snapshot, await pending
+
+
 def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     registry = state.registry
     settings = state.settings
-    mint, create, lookup, remove = registry.mint, registry.create, registry.lookup, registry.remove
+    journal = state.journal
+    create, lookup, remove = registry.create, registry.lookup, registry.remove
+
+    async def mint() -> str:
+        sid = registry.mint(Session())
+        if journal is not None:
+            journal.note_minted(registry.mint_counter)
+            try:
+                await journal.create(registry.key_of(sid), sid, "minted")
+            except ApiError:
+                remove(sid)  # never handed out; ours, so no tombstone either
+                raise
+        return sid
+
+    async def create_by_id(sid: str) -> None:
+        if journal is not None:
+            # Journaled first: an id answered as created survives a restart.
+            current = id_checked(lookup, sid)
+            if current is DELETED:
+                raise errors.session_not_found(sid)
+            if current is not NEVER_SEEN:
+                raise errors.session_exists(sid)
+            await journal.create(registry.key_of(sid), sid, "by_id")
+        outcome = id_checked(create, sid, Session())
+        if outcome is LIVE:
+            raise errors.session_exists(sid)
+        if outcome is not CREATED:  # deleted meanwhile: it stays deleted on disk too
+            if journal is not None:
+                journal.expire(registry.key_of(sid))
+            raise errors.session_not_found(sid)
 
     async def create_session(request: Request) -> Response:
         body = await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
@@ -53,13 +106,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             sid = data.get("session_id")
         if sid is None:
             # Minted ids are 32 hex digits: no escaping needed.
-            return raw_json_response(b'{"session_id":"%s"}' % mint(Session()).encode())
-        outcome = id_checked(create, sid, Session())
-        if outcome is CREATED:
-            return json_response({"session_id": sid})
-        if outcome is LIVE:
-            raise errors.session_exists(sid)
-        raise errors.session_not_found(sid)
+            return raw_json_response(b'{"session_id":"%s"}' % (await mint()).encode())
+        await create_by_id(sid)
+        return json_response({"session_id": sid})
 
     async def get_session(request: Request) -> Response:
         sid = request.route_values["id"]
@@ -68,7 +117,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
-        traj = session.traj.snapshot() if session.traj is not None else None
+        traj, answers = await read_trajectory(state, sid, session)
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
         tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens)
         if traj is None or traj.num_turns == 0:
@@ -78,7 +127,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             # A session's JSON in pieces of about one record: a large
             # trajectory is never built as one bytes object.
             yield head
-            for k, record in enumerate(traj.records(CHAT_PATH)):
+            for k, record in enumerate(traj.records(CHAT_PATH, answers)):
                 yield record if k == 0 else b"," + record
             yield tail
 
@@ -89,16 +138,26 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         session = id_checked(lookup, sid)
         if session is NEVER_SEEN or session is DELETED or session.closing:
             raise errors.session_not_found(sid)
-        session.closing = True
-        # A session that never chatted has no lock: don't create one just to
-        # delete it (idle sessions stay allocation-free).
-        lock = session.lock_if_any
-        if lock is not None:
-            async with lock:
-                remove(sid, expected=session)
-        else:
-            remove(sid, expected=session)
+        session.closing = True  # from here a chat turn answers 404
+        try:
+            # A session that never chatted has no lock: don't create one just
+            # to delete it (idle sessions stay allocation-free).
+            lock = session.lock_if_any
+            if lock is None:
+                await forget(sid, session)
+            else:
+                async with lock:  # waits for a turn's locked steps, never its upstream call
+                    await forget(sid, session)
+        except ApiError:
+            session.closing = False  # nothing changed
+            raise
         return Response(204)
+
+    async def forget(sid: str, session: Session) -> None:
+        if journal is not None:
+            foreign = not registry.is_self_minted(sid)
+            await journal.delete(registry.key_of(sid), foreign)
+        remove(sid, expected=session)
 
     create_ep = document(
         docs,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
+    from rollout_sessions.journal import Journal
     from rollout_sessions.metrics import Metrics
     from rollout_sessions.registry import Registry
     from rollout_sessions.tito import Tito
@@ -25,6 +26,7 @@ class AppState:
     metrics: Metrics
     instance_id: str
     guard: Guard
+    journal: Journal | None = None  # None: memory only
     tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
 
     @property

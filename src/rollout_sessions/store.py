@@ -79,6 +79,27 @@ def cut_prompt_ids(raw: bytes, response: dict[str, Any], prompt: array) -> tuple
 
 
 @dataclass(frozen=True, slots=True)
+class TurnWrite:
+    """One turn to record, relative to the state after its first ``keep`` turns:
+    what the store applies and the journal keeps (linear in what is new)."""
+
+    keep: int  # turns it builds on; later ones are rolled back
+    exact: int  # stored messages kept as they are
+    messages: tuple[bytes, ...]  # then these: its request's from `exact` on, and the answer's
+    n_messages: int  # its request's messages
+    common: int  # tokens of the kept checkpoint kept as they are
+    suffix: array  # then these: the rest of its checkpoint
+    prompt_len: int
+    end: int  # its checkpoint's length
+    rest: bytes
+    with_input_ids: bool
+    answer: bytes  # the answer without its prompt ids value, uncompressed
+    cut: int
+    logprobs: array  # float32, of its completion
+    timestamps: tuple[float, float]  # (recorded, arrived)
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     """What one recorded turn adds to the store.
 
@@ -93,7 +114,7 @@ class Turn:
     prompt_len: int  # its prompt: tokens[:prompt_len]
     end: int  # its checkpoint: tokens[:end] (prompt + completion)
     with_input_ids: bool  # the request carried input_ids (token-in, token-out)
-    answer: bytes  # zstd of the answer without its prompt_token_ids value
+    answer: bytes | None  # zstd of the answer without its prompt ids value (None: on disk)
     cut: int  # where that value goes back
     logprob_start: int  # its completion's logprobs: logprobs[logprob_start:]
     stable: int = -1  # how much of its checkpoint is still in tokens (end until overwritten)
@@ -147,8 +168,9 @@ class Trajectory:
             return turn.own_messages
         return self.messages[: turn.n_messages]
 
-    def record(self, k: int, path: str) -> bytes:
-        """Turn ``k``'s record as JSON, rebuilt from the store."""
+    def record(self, k: int, path: str, answer: bytes | None = None) -> bytes:
+        """Turn ``k``'s record as JSON, rebuilt from the store (``answer``: the
+        compressed answer, when the journal keeps it instead of the store)."""
         turn = self.turns[k]
         parts = [b"{", turn.rest, b',"messages":[', b",".join(self.request_messages(k)), b"]"]
         if not turn.rest:
@@ -157,8 +179,8 @@ class Trajectory:
         if turn.with_input_ids:
             parts += [b',"input_ids":', prompt]
         parts.append(b"}")
-        answer = _decompressor.decompress(turn.answer)
-        response = answer[: turn.cut] + prompt + answer[turn.cut :]
+        text = _decompressor.decompress(answer if answer is not None else turn.answer)
+        response = text[: turn.cut] + prompt + text[turn.cut :]
         return orjson.dumps(
             {
                 "timestamp": turn.timestamp,
@@ -182,13 +204,19 @@ class Trajectory:
         copy.version = self.version
         return copy
 
-    def records(self, path: str) -> Iterator[bytes]:
+    def snapshot_with_logprobs(self) -> Trajectory:
+        """``snapshot`` plus the logprobs the store keeps (memory only)."""
+        copy = self.snapshot()
+        copy.logprobs = self.logprobs[:]
+        return copy
+
+    def records(self, path: str, answers: list[bytes] | None = None) -> Iterator[bytes]:
         for k in range(len(self.turns)):
-            yield self.record(k, path)
+            yield self.record(k, path, answers[k] if answers is not None else None)
 
     # -- writing --------------------------------------------------------------------
 
-    def commit(
+    def prepare(
         self,
         keep: int,
         exact: int,
@@ -202,43 +230,83 @@ class Trajectory:
         answer: bytes,
         cut: int,
         timestamps: tuple[float, float],
-    ) -> None:
-        """Record a turn on top of the first ``keep`` turns (rolling back the rest).
+    ) -> TurnWrite:
+        """A turn on top of the first ``keep`` turns (the rest rolled back), as a
+        write that ``apply`` carries out and the journal can replay. Pure.
 
         ``exact``: how many stored messages ``message_bytes`` repeats byte for
         byte. ``answer``/``cut``: the answer without its prompt ids (see
         ``cut_prompt_ids``).
         """
-        turns = self.turns
-        if keep < len(turns):
-            del self.logprobs[turns[keep].logprob_start :]
-            del turns[keep:]
+        base_messages = self.message_end(keep - 1) if keep else 0
+        exact = min(exact, base_messages)
         checkpoint = prompt + completion
-        self._replace_tokens(checkpoint)
-        self._replace_messages(exact, message_bytes, assistant)
+        common = _common_prefix(self.checkpoint(keep), checkpoint)
+        return TurnWrite(
+            keep=keep,
+            exact=exact,
+            messages=(*message_bytes[exact:], assistant),
+            n_messages=len(message_bytes),
+            common=common,
+            suffix=checkpoint[common:],
+            prompt_len=len(prompt),
+            end=len(checkpoint),
+            rest=rest,
+            with_input_ids=with_input_ids,
+            answer=answer,
+            cut=cut,
+            logprobs=logprobs,
+            timestamps=timestamps,
+        )
+
+    def apply(self, write: TurnWrite, keep_answer: bool = True) -> None:
+        """Carry out a prepared turn (live, or replayed from the journal).
+
+        ``keep_answer``: keep the answer (compressed) and the logprobs in
+        memory; the journal keeps them on disk instead.
+        """
+        turns = self.turns
+        if write.keep < len(turns):
+            self._roll_back(write.keep)
+        self._replace_tokens(write.common, write.suffix)
+        self._replace_messages(write.exact, write.messages)
+        rest = write.rest
         if turns and turns[-1].rest == rest:
             rest = turns[-1].rest  # tools and sampling fields rarely change: share them
+        # A copy of exact size: zstandard's result keeps its worst-case allocation.
+        answer = bytes(memoryview(_compressor.compress(write.answer))) if keep_answer else None
         turns.append(
             Turn(
-                timestamp=timestamps[0],
-                request_timestamp=timestamps[1],
+                timestamp=write.timestamps[0],
+                request_timestamp=write.timestamps[1],
                 rest=rest,
-                n_messages=len(message_bytes),
-                prompt_len=len(prompt),
-                end=len(checkpoint),
-                with_input_ids=with_input_ids,
-                # A copy of exact size: zstandard's result keeps its worst-case allocation.
-                answer=bytes(memoryview(_compressor.compress(answer))),
-                cut=cut,
+                n_messages=write.n_messages,
+                prompt_len=write.prompt_len,
+                end=write.end,
+                with_input_ids=write.with_input_ids,
+                answer=answer,
+                cut=write.cut,
                 logprob_start=len(self.logprobs),
             )
         )
-        self.logprobs.extend(logprobs)
+        if keep_answer:
+            self.logprobs.extend(write.logprobs)
         self.version += 1
 
-    def _replace_tokens(self, checkpoint: array) -> None:
+    def _roll_back(self, keep: int) -> None:
+        """Back to the state right after turn ``keep`` - 1."""
+        turns = self.turns
+        del self.logprobs[turns[keep].logprob_start :]
+        del turns[keep:]
+        del self.messages[self.message_end(keep - 1) if keep else 0 :]
+        checkpoint = self.checkpoint(keep)
+        del self.tokens[:]
+        self.tokens.extend(checkpoint)
+        if keep and turns[-1].stable >= 0:  # its checkpoint is whole again
+            turns[-1] = dataclasses.replace(turns[-1], stable=-1, tail=None)
+
+    def _replace_tokens(self, common: int, suffix: array) -> None:
         tokens = self.tokens
-        common = _common_prefix(tokens, checkpoint)
         turns = self.turns
         for k, turn in enumerate(turns):
             stable = turn.end if turn.stable < 0 else turn.stable
@@ -248,9 +316,9 @@ class Trajectory:
                 tail = lost if turn.tail is None else lost + turn.tail
                 turns[k] = dataclasses.replace(turn, stable=common, tail=tail)
         del tokens[common:]
-        tokens.extend(checkpoint[common:])
+        tokens.extend(suffix)
 
-    def _replace_messages(self, exact: int, message_bytes: list[bytes], assistant: bytes) -> None:
+    def _replace_messages(self, exact: int, messages: tuple[bytes, ...]) -> None:
         stored = self.messages
         if exact < len(stored):
             turns = self.turns
@@ -258,12 +326,13 @@ class Trajectory:
                 if turn.n_messages > exact and turn.own_messages is None:
                     turns[k] = dataclasses.replace(turn, own_messages=stored[: turn.n_messages])
             del stored[exact:]
-        stored.extend(message_bytes[exact:])
-        stored.append(assistant)
+        stored.extend(messages)
 
     # -- training export --------------------------------------------------------------
 
-    def sample_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    def sample_arrays(
+        self, logprobs: list[array] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
         """``(tokens int32, loss_mask uint8, rollout_log_probs float32, turns)``.
 
         ``turns`` holds each turn's ``[completion_start, completion_end)`` in
@@ -273,16 +342,19 @@ class Trajectory:
         """
         tokens = np.frombuffer(self.tokens, dtype=np.int32).copy()
         mask = np.zeros(len(tokens), dtype=np.uint8)
-        logprobs = np.zeros(len(tokens), dtype=np.float32)
-        source = np.frombuffer(self.logprobs, dtype=np.float32)
+        out = np.zeros(len(tokens), dtype=np.float32)
         spans = []
-        for turn in self.turns:
+        for k, turn in enumerate(self.turns):
             stable = turn.end if turn.stable < 0 else turn.stable
             start, stop = turn.prompt_len, min(stable, len(tokens))
+            if logprobs is not None:
+                source = np.frombuffer(logprobs[k], dtype=np.float32)
+            else:
+                source = np.frombuffer(self.logprobs, dtype=np.float32)[turn.logprob_start :]
             mask[start:stop] = 1
-            logprobs[start:stop] = source[turn.logprob_start : turn.logprob_start + stop - start]
+            out[start:stop] = source[: stop - start]
             spans.append([start, stop])
-        return tokens, mask, logprobs, spans
+        return tokens, mask, out, spans
 
 
 def _common_prefix(a: array, b: array) -> int:

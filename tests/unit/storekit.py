@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from rollout_sessions.answer import parse_answer
-from rollout_sessions.store import Trajectory, cut_prompt_ids
+from rollout_sessions.store import Trajectory, TurnWrite, cut_prompt_ids
 from rollout_sessions.trajectory import plan_turn
 
 TOOL = ("tool",)
@@ -52,7 +52,7 @@ def commit(
     raw = answer_json(prompt, completion, message)
     parsed = parse_answer(raw)
     cut, at = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
-    traj.commit(
+    write = traj.prepare(
         keep=plan.keep,
         exact=plan.exact,
         message_bytes=message_bytes,
@@ -66,7 +66,26 @@ def commit(
         cut=at,
         timestamps=(2.0, 1.0),
     )
+    if traj.num_turns == 0 and traj.version == 0:  # a new trajectory (ids are reused)
+        WRITES[id(traj)] = []
+    traj.apply(write)
+    WRITES[id(traj)].append(write)
     return raw
+
+
+# Every write each trajectory applied, to replay them as the journal would.
+WRITES: dict[int, list[TurnWrite]] = {}
+
+
+def replayed(traj: Trajectory) -> Trajectory:
+    """A trajectory rebuilt from ``traj``'s writes through the journal's encoding."""
+    from rollout_sessions.journal import _head, _turn_write, frame
+
+    copy = Trajectory()
+    for w in WRITES[id(traj)]:
+        row = (w.keep, _head(w), w.rest, frame(w.messages), w.suffix.tobytes(), 0)
+        copy.apply(_turn_write(row), keep_answer=False)
+    return copy
 
 
 def ids(values: list[int]) -> array:

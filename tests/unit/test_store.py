@@ -15,7 +15,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from storekit import answer_json, commit
+from storekit import answer_json, commit, replayed
 
 from rollout_sessions.answer import parse_answer
 from rollout_sessions.store import Trajectory, cut_prompt_ids
@@ -123,6 +123,13 @@ def _check(traj: Trajectory, model: Model) -> None:
         assert mask[start:stop].all()
     assert int(mask.sum()) == sum(stop - start for start, stop in spans)
     assert (logprobs[mask == 0] == 0).all()
+    # What the journal keeps rebuilds the same trajectory after a restart.
+    again = replayed(traj)
+    answers = [turn.answer for turn in traj.turns]
+    assert again.tokens == traj.tokens and again.messages == traj.messages
+    for k in range(traj.num_turns):
+        path = "/v1/chat/completions"
+        assert again.record(k, path, answers[k]) == traj.record(k, path)
 
 
 def test_a_checkpoint_whose_end_a_later_turn_drops_is_kept_with_its_turn():

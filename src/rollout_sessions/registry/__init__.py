@@ -12,7 +12,7 @@ buffer tombstone of fixed capacity, and a per-shard LRU list for idle TTL.
 API (all methods are thread-safe; ids are ``str``):
 
 ``Registry(shards=64, tombstone_capacity=1 << 20, retry_window=60.0, ttl=7200.0,
-manual_clock=False)``
+manual_clock=False, instance_tag=0, secrets=None, mint_counter=0, on_evict=None)``
 
 - ``mint(obj) -> str``: register ``obj`` under a new 32-hex id this process
   recognises as its own.
@@ -29,6 +29,14 @@ manual_clock=False)``
   young_overwrites, ttl_evictions, auto_creates, deleted_refusals, minted,
   created_by_id, deletes.
 - ``is_self_minted(sid) -> bool``; ``advance(seconds)`` (manual clock only).
+
+Minted ids are ``tag (3 hex digits) || payload || check value``: the
+instance tag (0-4095) routes them back to the instance that minted them.
+Across a restart (the journal): ``secrets`` and ``mint_counter`` recreate a
+registry that recognises the ids it minted before; ``restore(sid, obj,
+idle_s)`` and ``restore_deleted(key, age_s)`` put back live sessions and
+deleted foreign ids; ``key_of(sid)`` is the 16-byte key the journal files a
+session under; ``on_evict(key)`` hears of every idle-TTL eviction.
 
 ``tombstone_bytes(capacity)`` is what a tombstone of that capacity allocates.
 

@@ -20,6 +20,12 @@ ctypedef struct rs_shard:
     uint64_t ttl_evictions
 
 
+# An entry taken out by idle-TTL eviction, released once the shard lock is free.
+ctypedef struct rs_dead:
+    rs_key key
+    void *obj
+
+
 # A parsed id: its key, where it lives, and whether it is one of ours.
 ctypedef struct rs_id:
     rs_key key
@@ -48,8 +54,11 @@ cdef class Registry:
     cdef bint _manual_clock
     cdef double _manual_now
     cdef uint32_t _expire_cursor
+    cdef bytes _secrets
+    cdef object _on_evict
 
     cdef int _parse(self, object sid, rs_id *out) except -1
     cdef double _now(self) noexcept nogil
+    cdef void _release(self, rs_dead *dead, int n)
     cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil
     cdef object _insert(self, const rs_id *rid, object obj, bint by_id, Admit *outcome)

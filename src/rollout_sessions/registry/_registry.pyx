@@ -108,19 +108,34 @@ def siphash24(bytes data, bytes key, bint wide=False):
     return lo
 
 
+SECRETS_BYTES = 56  # seven 64-bit words: mint check key, name key, slot key, mint base
+
+
+cdef bytes _key_bytes(rs_key key):
+    return key.hi.to_bytes(8, "big") + key.lo.to_bytes(8, "big")
+
+
+cdef rs_key _key_from_bytes(bytes raw) except *:
+    cdef rs_key key
+    if len(raw) != 16:
+        raise ValueError("a key is 16 bytes")
+    key.hi = int.from_bytes(raw[:8], "big")
+    key.lo = int.from_bytes(raw[8:], "big")
+    return key
+
+
 def tombstone_bytes(unsigned long long capacity):
     """Bytes a tombstone of ``capacity`` entries allocates (ring plus set)."""
     return rs_tomb_bytes_for(capacity)
 
 
-cdef inline void _release(void **dead, int n):
-    """Drops the table's references to evicted objects; GIL held, no lock held."""
-    cdef int i
-    for i in range(n):
-        Py_DECREF(<object>dead[i])
+cdef inline void _evict_slot(rs_shard *sh, uint32_t slot, rs_dead *dead) noexcept nogil:
+    """Removes an idle entry, keeping its key and object for ``_release``. Shard lock held."""
+    dead.key = sh.table.entries[sh.table.index[slot]].key
+    dead.obj = rs_table_delete_slot(&sh.table, slot)
 
 
-cdef inline int _evict_expired(rs_shard *sh, double now, double ttl, void **dead, int budget) noexcept nogil:
+cdef inline int _evict_expired(rs_shard *sh, double now, double ttl, rs_dead *dead, int budget) noexcept nogil:
     """Pops up to ``budget`` idle sessions off the shard's LRU head. Shard lock held."""
     cdef int n = 0
     cdef int64_t slot
@@ -128,14 +143,14 @@ cdef inline int _evict_expired(rs_shard *sh, double now, double ttl, void **dead
         slot = rs_table_expired_head(&sh.table, now, ttl)
         if slot < 0:
             break
-        dead[n] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+        _evict_slot(sh, <uint32_t>slot, &dead[n])
         n += 1
     sh.ttl_evictions += n
     return n
 
 
 cdef inline int64_t _find_live(Registry reg, rs_shard *sh, const rs_id *rid, double *now,
-                               void **dead, int *ndead) noexcept nogil:
+                               rs_dead *dead, int *ndead) noexcept nogil:
     """Index slot of a live entry, or -1. Shard lock held.
 
     An entry found idle past the TTL is evicted on the spot, so expiry never
@@ -148,14 +163,14 @@ cdef inline int64_t _find_live(Registry reg, rs_shard *sh, const rs_id *rid, dou
     if now[0] < 0:
         now[0] = reg._now()
     if rs_table_expired(&sh.table, sh.table.index[slot], now[0], reg._ttl):
-        dead[ndead[0]] = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+        _evict_slot(sh, <uint32_t>slot, &dead[ndead[0]])
         ndead[0] += 1
         sh.ttl_evictions += 1
         return -1
     return slot
 
 
-cdef Admit _admit(Registry reg, rs_shard *sh, const rs_id *rid, void *obj, void **dead,
+cdef Admit _admit(Registry reg, rs_shard *sh, const rs_id *rid, void *obj, rs_dead *dead,
                   int *ndead, void **found) noexcept nogil:
     """Inserts ``obj`` under a never-seen id; shared by create and auto-create.
 
@@ -189,7 +204,9 @@ cdef class Registry:
     """
 
     def __cinit__(self, int shards=64, long long tombstone_capacity=1 << 20,
-                  double retry_window=60.0, double ttl=7200.0, bint manual_clock=False):
+                  double retry_window=60.0, double ttl=7200.0, bint manual_clock=False,
+                  int instance_tag=0, bytes secrets=None, unsigned long long mint_counter=0,
+                  on_evict=None):
         cdef uint32_t i
         if shards < 1 or shards > 65536:
             raise ValueError("shards must be between 1 and 65536")
@@ -199,12 +216,21 @@ cdef class Registry:
             raise ValueError("retry_window must be >= 0")
         if not ttl > 0:
             raise ValueError("ttl must be > 0")
-        words = [int.from_bytes(os.urandom(8), "little") for _ in range(7)]
+        if instance_tag < 0 or instance_tag > RS_MAX_TAG:
+            raise ValueError(f"instance_tag must be between 0 and {RS_MAX_TAG}")
+        if secrets is None:
+            secrets = os.urandom(SECRETS_BYTES)
+        if len(secrets) != SECRETS_BYTES:
+            raise ValueError(f"secrets must be {SECRETS_BYTES} bytes")
+        words = [int.from_bytes(secrets[i:i + 8], "little") for i in range(0, SECRETS_BYTES, 8)]
+        self._secrets = secrets
         self._sec.mint_k0, self._sec.mint_k1 = words[0], words[1]
         self._sec.name_k0, self._sec.name_k1 = words[2], words[3]
         self._sec.slot_k0, self._sec.slot_k1 = words[4], words[5]
         self._sec.mint_base = words[6]
-        self._mint_counter = 0
+        self._sec.tag = instance_tag
+        self._mint_counter = mint_counter
+        self._on_evict = on_evict
         self._ttl = ttl
         self._retry_window = retry_window
         self._manual_clock = manual_clock
@@ -265,6 +291,19 @@ cdef class Registry:
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
         return ts.tv_sec + ts.tv_nsec * 1e-9
 
+    cdef void _release(self, rs_dead *dead, int n):
+        """Drops the table's references to evicted objects, first telling
+        ``on_evict`` their keys. GIL held, no lock held."""
+        cdef int i
+        cdef object on_evict = self._on_evict
+        for i in range(n):
+            if on_evict is not None:
+                try:
+                    on_evict(_key_bytes(dead[i].key))
+                except Exception:  # the eviction is done; a failing observer cannot undo it
+                    pass
+            Py_DECREF(<object>dead[i].obj)
+
     cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil:
         """For an id that is not live. Caller holds the id's shard lock."""
         cdef bint found
@@ -283,7 +322,7 @@ cdef class Registry:
         could not grow. Nothing changes unless ``obj`` is admitted.
         """
         cdef rs_shard *sh = &self._shards[rid.shard]
-        cdef void *dead[EVICT_PER_OP + 1]
+        cdef rs_dead dead[EVICT_PER_OP + 1]
         cdef int ndead = 0
         cdef void *found = NULL
         Py_INCREF(obj)  # the table's reference, if admitted
@@ -298,7 +337,7 @@ cdef class Registry:
         # GIL back, shard lock still held: a raced-in object cannot be freed under us.
         result = <object>found if outcome[0] == ALREADY_LIVE else None
         pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
+        self._release(dead, ndead)
         if outcome[0] == ADMITTED:
             return obj
         Py_DECREF(obj)
@@ -315,7 +354,7 @@ cdef class Registry:
         cdef uint64_t h = rs_slot_hash(&self._sec, key)
         cdef rs_shard *sh = &self._shards[(h >> 32) % self._nshards]
         cdef int32_t e
-        cdef void *dead[EVICT_PER_OP]
+        cdef rs_dead dead[EVICT_PER_OP]
         cdef int ndead
         cdef double now
         sid = PyUnicode_New(32, 127)
@@ -329,7 +368,7 @@ cdef class Registry:
             if e != RS_NIL:
                 sh.minted += 1
             pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
+        self._release(dead, ndead)
         if e == RS_NIL:
             Py_DECREF(obj)
             raise MemoryError("session table could not grow")
@@ -349,7 +388,7 @@ cdef class Registry:
         """The live object (its idle clock refreshed), or DELETED, or NEVER_SEEN."""
         cdef rs_id rid
         cdef rs_shard *sh
-        cdef void *dead[1]
+        cdef rs_dead dead[1]
         cdef int ndead = 0
         cdef int64_t slot
         cdef int32_t e
@@ -376,7 +415,7 @@ cdef class Registry:
         else:
             result = DELETED if deleted else NEVER_SEEN
         pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
+        self._release(dead, ndead)
         return result
 
     def get_or_create(self, sid, factory):
@@ -400,7 +439,7 @@ cdef class Registry:
         sticks even when eviction wins the race) and None is returned."""
         cdef rs_id rid
         cdef rs_shard *sh
-        cdef void *dead[EVICT_PER_OP + 1]
+        cdef rs_dead dead[EVICT_PER_OP + 1]
         cdef int ndead = 0
         cdef int64_t slot
         cdef void *removed = NULL
@@ -430,7 +469,7 @@ cdef class Registry:
                 pthread_mutex_unlock(&self._tomb_lock)
             ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
             pthread_mutex_unlock(&sh.lock)
-        _release(dead, ndead)
+        self._release(dead, ndead)
         if removed == NULL:
             return None
         result = <object>removed
@@ -443,7 +482,7 @@ cdef class Registry:
         cdef Py_ssize_t total = 0
         cdef uint32_t visited = 0
         cdef rs_shard *sh
-        cdef void *dead[EVICT_CHUNK]
+        cdef rs_dead dead[EVICT_CHUNK]
         cdef int n, want
         while total < budget and visited < self._nshards:
             sh = &self._shards[self._expire_cursor]
@@ -452,12 +491,69 @@ cdef class Registry:
                 pthread_mutex_lock(&sh.lock)
                 n = _evict_expired(sh, self._now(), self._ttl, dead, want)
                 pthread_mutex_unlock(&sh.lock)
-            _release(dead, n)
+            self._release(dead, n)
             total += n
             if n < want:  # this shard is clean for now: move on
                 self._expire_cursor = (self._expire_cursor + 1) % self._nshards
                 visited += 1
         return total
+
+    # -- restart (the journal) ---------------------------------------------
+
+    def key_of(self, sid):
+        """The 16-byte key ``sid`` is stored under (stable while the secrets are)."""
+        cdef rs_id rid
+        self._parse(sid, &rid)
+        return _key_bytes(rid.key)
+
+    def restore(self, sid, obj, double idle_s=0.0):
+        """Registers ``obj`` under ``sid`` as idle for ``idle_s`` seconds (after a
+        restart). Restore in order of last access, oldest first: the idle-TTL
+        order is the insertion order. False if ``sid`` is live already."""
+        cdef rs_id rid
+        cdef rs_shard *sh
+        cdef int64_t slot
+        cdef int32_t e = RS_NIL
+        self._parse(sid, &rid)
+        sh = &self._shards[rid.shard]
+        Py_INCREF(obj)
+        with nogil:
+            pthread_mutex_lock(&sh.lock)
+            slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
+            if slot < 0:
+                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, self._now() - idle_s)
+            pthread_mutex_unlock(&sh.lock)
+        if slot >= 0 or e == RS_NIL:
+            Py_DECREF(obj)
+            if slot < 0:
+                raise MemoryError("session table could not grow")
+            return False
+        return True
+
+    def restore_deleted(self, bytes key, double age_s=0.0):
+        """Remembers a deleted foreign id's key as deleted ``age_s`` seconds ago
+        (after a restart; oldest first, like the ring itself)."""
+        cdef rs_key k = _key_from_bytes(key)
+        cdef double when = self._now() - age_s
+        with nogil:
+            pthread_mutex_lock(&self._tomb_lock)
+            if not rs_tomb_contains(&self._tomb, k):
+                rs_tomb_push(&self._tomb, k, when, self._retry_window)
+            pthread_mutex_unlock(&self._tomb_lock)
+
+    @property
+    def secrets(self):
+        """What makes this registry's keys and mints: keep it to recognise them later."""
+        return self._secrets
+
+    @property
+    def mint_counter(self):
+        """How many ids were minted with these secrets (the next payload)."""
+        return rs_counter_load(&self._mint_counter)
+
+    @property
+    def instance_tag(self):
+        return self._sec.tag
 
     # -- introspection ---------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +45,11 @@ def serve_argv(port: int, *flags: str) -> list[str]:
 
 
 class ManagedProcess:
-    """A subprocess in its own process group whose output goes to a log file."""
+    """A subprocess in its own process group whose output goes to a log file.
+
+    It runs in ``cwd``, by default a fresh directory of its own (removed at
+    cleanup), so a server's default ``DATA_DIR`` is never shared.
+    """
 
     def __init__(
         self,
@@ -56,6 +61,8 @@ class ManagedProcess:
         self.argv = list(argv)
         self.port = port
         self.url = f"http://{HOST}:{port}"
+        self._own_dir = tempfile.mkdtemp(prefix="rollout-sessions-run-") if cwd is None else None
+        cwd = cwd if cwd is not None else self._own_dir
         fd, name = tempfile.mkstemp(prefix="rollout-sessions-", suffix=".log")
         self.log_path = Path(name)
         with os.fdopen(fd, "wb") as log:
@@ -121,6 +128,8 @@ class ManagedProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.log_path.unlink()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def __enter__(self) -> ManagedProcess:
         return self

@@ -10,13 +10,14 @@ cdef extern from "rs_ids.h" nogil:
         uint64_t lo
     ctypedef struct rs_secrets:
         uint64_t mint_k0, mint_k1, name_k0, name_k1
-        uint64_t slot_k0, slot_k1, mint_base
+        uint64_t slot_k0, slot_k1, mint_base, tag
     enum:
         RS_ID_OK
         RS_ID_EMPTY
         RS_ID_TOO_LONG
         RS_ID_BAD_CHAR
         RS_MAX_ID_LEN
+        RS_MAX_TAG
     uint64_t rs_siphash24(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1)
     uint64_t rs_siphash24_core(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1,
                                uint64_t *out_hi)

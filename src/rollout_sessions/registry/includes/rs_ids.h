@@ -2,9 +2,11 @@
  *
  * Every id becomes a 128-bit key. A 32-lowercase-hex id is parsed exactly
  * (all 128 bits kept); any other valid id is hashed with two keyed SipHash-2-4
- * runs. Minted ids are `payload || tag` where tag = SipHash(payload) under a
- * per-process key, so this process recognises its own ids without storing
- * them, and a restart (new key) makes old ids foreign.
+ * runs. A minted id is `instance tag (12 bits) || payload (52 bits) || check`
+ * where check = SipHash of the first 64 bits under the registry's key, so
+ * the registry recognises its own ids without storing them. The key lives
+ * as long as the journal keeps it; a registry with a new key (or another
+ * instance tag) takes old ids for foreign ones.
  *
  * Pure C, no Python API: everything here may run without the GIL.
  */
@@ -153,13 +155,20 @@ static inline void rs_format_hex128(rs_key key, uint8_t *out) {
     }
 }
 
-/* Per-process secrets. Distinct keys keep the three uses independent. */
+/* The registry's secrets (kept by the journal across restarts) and its
+ * instance tag. Distinct keys keep the three uses independent. */
 typedef struct {
-    uint64_t mint_k0, mint_k1;   /* tag of minted ids */
+    uint64_t mint_k0, mint_k1;   /* check value of minted ids */
     uint64_t name_k0, name_k1;   /* 128-bit key of non-hex ids */
     uint64_t slot_k0, slot_k1;   /* table / shard / tombstone-set hashing */
-    uint64_t mint_base;          /* first payload; payloads are base + counter */
+    uint64_t mint_base;          /* first payload; payloads are base + counter (mod 2^52) */
+    uint64_t tag;                /* instance tag, 0..4095: the id's first 3 hex digits */
 } rs_secrets;
+
+/* A minted id's high word: 12 bits of instance tag, then a 52-bit payload. */
+#define RS_TAG_SHIFT 52
+#define RS_PAYLOAD_MASK ((1ULL << RS_TAG_SHIFT) - 1)
+#define RS_MAX_TAG 4095
 
 static inline rs_key rs_key_of_name(const rs_secrets *sec, const uint8_t *s, size_t len) {
     rs_key key;
@@ -169,15 +178,17 @@ static inline rs_key rs_key_of_name(const rs_secrets *sec, const uint8_t *s, siz
 
 static inline rs_key rs_minted_key(const rs_secrets *sec, uint64_t counter) {
     rs_key key;
-    key.hi = sec->mint_base + counter;
+    key.hi = (sec->tag << RS_TAG_SHIFT) | ((sec->mint_base + counter) & RS_PAYLOAD_MASK);
     key.lo = rs_siphash_u64(key.hi, sec->mint_k0, sec->mint_k1);
     return key;
 }
 
-/* A hex key is self-minted iff its tag checks out and its payload was handed out.
- * A random foreign id passes the tag check with probability 2^-64. */
+/* A hex key is self-minted iff it carries our instance tag, its payload was
+ * handed out and its check value is right. A random foreign id passes the
+ * check with probability 2^-64. */
 static inline int rs_is_self_minted(const rs_secrets *sec, rs_key key, uint64_t minted) {
-    if ((key.hi - sec->mint_base) >= minted) return 0;
+    if ((key.hi >> RS_TAG_SHIFT) != sec->tag) return 0;
+    if (((key.hi - sec->mint_base) & RS_PAYLOAD_MASK) >= minted) return 0;
     return rs_siphash_u64(key.hi, sec->mint_k0, sec->mint_k1) == key.lo;
 }
 

@@ -1,0 +1,499 @@
+"""The durable journal: an SQLite database in ``DATA_DIR``, written ahead of every answer.
+
+What it keeps, so that a restart (even after ``kill -9``) brings everything
+back: the registry's secrets and how far minting got (ids minted before
+still recognised as ours: delete sticks for them with no tombstone), every
+live session (id, kind, time of last write), every recorded turn in the
+store's replayable form (``store.TurnWrite``: what is new in the turn, the
+answer zstd-compressed), and the most recent deleted foreign ids with their
+delete times (the tombstone ring, restored).
+
+Durability. A turn, a create and a delete are answered only once their
+write is committed. One writer thread owns the connection and commits
+whatever is queued as one transaction (group commit), off the event loop;
+reads that must see those writes (``GET``, the export) queue behind them.
+WAL mode with ``synchronous=NORMAL`` (default): a committed write is in the
+WAL file, so a killed process loses nothing; a power loss or OS crash may
+lose the last transactions before the next checkpoint (the database stays
+consistent). ``JOURNAL_SYNC=full`` fsyncs every commit: nothing answered is
+lost even then, at the cost of an fsync per batch.
+
+Disk. Deleting or expiring a session deletes its rows; freed pages go back
+to the filesystem (``auto_vacuum=INCREMENTAL`` plus periodic incremental
+vacuum and WAL truncation). ``JOURNAL_MAX_BYTES`` caps the database; a write
+past the cap, or on a full disk, fails with 507 and changes nothing.
+
+Start-up refuses, naming the file, a ``DATA_DIR`` holding anything but the
+journal (a foreign or corrupt file is never deleted), and a ``DATA_DIR``
+another server holds (an exclusive lock on ``LOCK``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+from rollout_sessions import errors
+from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
+from rollout_sessions.store import TurnWrite
+
+log = logging.getLogger("rollout_sessions")
+
+DB_NAME = "journal.sqlite3"
+LOCK_NAME = "LOCK"
+EXPECTED = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME}
+APPLICATION_ID = 0x52534A31  # "RSJ1": this is our journal, not another SQLite file
+SCHEMA_VERSION = 1
+MAX_BATCH = 512  # operations committed in one transaction at most
+MAINTENANCE_EVERY_S = 2.0
+# Minting reserves payloads ahead in blocks: an id handed out is always below
+# the reservation on disk, so a restart never mints an id twice.
+MINT_BLOCK = 1 << 20
+
+KINDS = {"minted": 0, "by_id": 1, "auto": 2}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sessions (
+    key BLOB PRIMARY KEY, sid TEXT NOT NULL, kind INTEGER NOT NULL, touched REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS turns (
+    key BLOB NOT NULL, k INTEGER NOT NULL, head BLOB NOT NULL, rest BLOB NOT NULL,
+    messages BLOB NOT NULL, suffix BLOB NOT NULL, answer BLOB NOT NULL, logprobs BLOB NOT NULL,
+    PRIMARY KEY (key, k)
+);
+CREATE TABLE IF NOT EXISTS deleted (slot INTEGER PRIMARY KEY, key BLOB NOT NULL, at REAL NOT NULL);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot start: the message says why and names the file."""
+
+
+@dataclass
+class Restored:
+    """What the journal gives back at start-up."""
+
+    secrets: bytes | None
+    mint_counter: int
+    sessions: list[tuple[bytes, str, int, float]]  # (key, sid, kind, touched), oldest first
+    turns: dict[bytes, list[TurnWrite]] = field(default_factory=dict)
+    deleted: list[tuple[bytes, float]] = field(default_factory=list)  # (key, at), oldest first
+
+
+def frame(parts: tuple[bytes, ...]) -> bytes:
+    """Byte strings as one: their count, their lengths (uint32), then themselves."""
+    lengths = array("I", [len(p) for p in parts])
+    return len(parts).to_bytes(4, "little") + lengths.tobytes() + b"".join(parts)
+
+
+def unframe(blob: bytes) -> tuple[bytes, ...]:
+    n = int.from_bytes(blob[:4], "little")
+    lengths = array("I")
+    lengths.frombytes(blob[4 : 4 + 4 * n])
+    out, at = [], 4 + 4 * n
+    for length in lengths:
+        out.append(blob[at : at + length])
+        at += length
+    return tuple(out)
+
+
+class _Op:
+    """One queued operation; ``run(conn)`` executes in the writer thread."""
+
+    __slots__ = ("run", "future")
+
+    def __init__(self, run: Callable[[sqlite3.Connection], Any], future: asyncio.Future | None):
+        self.run = run
+        self.future = future
+
+
+class Journal:
+    """The journal of one server process; open it before the registry exists."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str], sync: str = "normal", max_bytes: int | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self._lock_file = _lock(self.directory)
+        self._conn = _open(self.directory / DB_NAME, sync, max_bytes)
+        self._compressor = zstandard.ZstdCompressor(level=1)
+        self._queue: collections.deque[_Op] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_slot = 0
+        self._deleted_capacity = 1
+        self.mint_reserved = 0
+
+    # -- start-up (before the writer thread runs) ----------------------------------
+
+    def load(self, deleted_capacity: int, progress: Callable[[int, int], None]) -> Restored:
+        """Everything to restore, in the order to restore it."""
+        conn = self._conn
+        self._deleted_capacity = deleted_capacity
+        secrets = _meta(conn, "secrets")
+        reserved = int(_meta(conn, "mint_reserved") or b"0")
+        sessions = conn.execute(
+            "SELECT key, sid, kind, touched FROM sessions ORDER BY touched"
+        ).fetchall()
+        restored = Restored(secrets, reserved, sessions)
+        total = len(sessions)
+        done = 0
+        for key, rows in _turns_by_session(conn):
+            restored.turns[key] = [_turn_write(row) for row in rows]
+            done += 1
+            if done % 10_000 == 0:
+                progress(done, total)
+        restored.deleted = conn.execute("SELECT key, at FROM deleted ORDER BY at").fetchall()
+        last = conn.execute("SELECT slot FROM deleted ORDER BY at DESC LIMIT 1").fetchone()
+        self._next_slot = (last[0] + 1) % deleted_capacity if last else 0
+        return restored
+
+    def save_start(self, secrets: bytes, mint_counter: int) -> None:
+        """Keep the registry's secrets and reserve the first block of mints."""
+        self.mint_reserved = mint_counter + MINT_BLOCK
+        with self._conn:
+            _set_meta(self._conn, "secrets", secrets)
+            _set_meta(self._conn, "mint_reserved", str(self.mint_reserved).encode())
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="rollout-sessions-journal")
+        self._thread.start()
+
+    async def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._conn.close()
+        self._lock_file.close()
+
+    # -- writes --------------------------------------------------------------------
+
+    async def create(self, key: bytes, sid: str, kind: str) -> None:
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", (key, sid, KINDS[kind], now)
+            )
+
+        await self._submit(run)
+
+    async def turn(self, key: bytes, sid: str, kind: str, write: TurnWrite) -> None:
+        now = time.time()
+        compress = self._compressor.compress
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
+                (key, sid, KINDS[kind], now),
+            )
+            conn.execute("DELETE FROM turns WHERE key = ? AND k >= ?", (key, write.keep))
+            conn.execute(
+                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    write.keep,
+                    _head(write),
+                    write.rest,
+                    frame(write.messages),
+                    write.suffix.tobytes(),
+                    compress(write.answer),  # in this thread: zstd lets go of the GIL
+                    write.logprobs.tobytes(),
+                ),
+            )
+
+        await self._submit(run)
+
+    async def delete(self, key: bytes, foreign: bool) -> None:
+        """A session deleted; a foreign id is remembered for the tombstone ring."""
+        now = time.time()
+
+        def run(conn: sqlite3.Connection) -> None:
+            _forget(conn, key)
+            if foreign:
+                conn.execute(
+                    "INSERT OR REPLACE INTO deleted VALUES (?, ?, ?)", (self._next_slot, key, now)
+                )
+                self._next_slot = (self._next_slot + 1) % self._deleted_capacity
+
+        await self._submit(run)
+
+    def expire(self, key: bytes) -> None:
+        """A session evicted after its idle TTL (nobody waits for this write)."""
+        self._enqueue(_Op(lambda conn: _forget(conn, key), None))
+
+    def note_minted(self, mint_counter: int) -> None:
+        """Reserve the next block of mints when half of the current one is used."""
+        if mint_counter < self.mint_reserved - MINT_BLOCK // 2:
+            return
+        self.mint_reserved += MINT_BLOCK
+        value = str(self.mint_reserved).encode()
+        self._enqueue(_Op(lambda conn: _set_meta(conn, "mint_reserved", value), None))
+
+    # -- reads (queued behind the writes before them) -------------------------------
+
+    async def answers(self, key: bytes) -> list[bytes]:
+        """The compressed answers of a session's turns, in order."""
+        return await self._submit(
+            lambda conn: [
+                row[0]
+                for row in conn.execute("SELECT answer FROM turns WHERE key = ? ORDER BY k", (key,))
+            ]
+        )
+
+    async def logprobs(self, key: bytes) -> list[array]:
+        def run(conn: sqlite3.Connection) -> list[array]:
+            out = []
+            for (blob,) in conn.execute(
+                "SELECT logprobs FROM turns WHERE key = ? ORDER BY k", (key,)
+            ):
+                values = array(LOGPROB_TYPECODE)
+                values.frombytes(blob)
+                out.append(values)
+            return out
+
+        return await self._submit(run)
+
+    def disk_bytes(self) -> int:
+        return sum(
+            (self.directory / name).stat().st_size
+            for name in (DB_NAME, f"{DB_NAME}-wal")
+            if (self.directory / name).exists()
+        )
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _submit(self, run: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
+        assert self._loop is not None, "journal not started"
+        future = self._loop.create_future()
+        self._enqueue(_Op(run, future))
+        return future
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._wake:
+            self._queue.append(op)
+            if len(self._queue) == 1:
+                self._wake.notify()
+
+    def _run(self) -> None:
+        last_maintenance = time.monotonic()
+        while True:
+            with self._wake:
+                if not self._queue and not self._closing:
+                    self._wake.wait(MAINTENANCE_EVERY_S)
+                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+                closing = self._closing and not self._queue
+            if batch:
+                self._commit(batch)
+            if closing:
+                return
+            if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
+                last_maintenance = time.monotonic()
+                self._maintain()
+
+    def _commit(self, batch: list[_Op]) -> None:
+        conn = self._conn
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        try:
+            with conn:  # one transaction for the whole batch
+                values = [op.run(conn) for op in batch]
+            results = [(op, value, None) for op, value in zip(batch, values, strict=True)]
+        except sqlite3.Error:
+            # Find out which failed: each on its own.
+            for op in batch:
+                try:
+                    with conn:
+                        results.append((op, op.run(conn), None))
+                except sqlite3.Error as exc:
+                    results.append((op, None, _api_error(exc)))
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            self._loop.call_soon_threadsafe(_resolve, results)
+
+    def _maintain(self) -> None:
+        """Give freed pages back to the filesystem and keep the WAL short."""
+        try:
+            conn = self._conn
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if free > 256:
+                conn.execute("PRAGMA incremental_vacuum")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("journal maintenance failed: %s", exc)
+
+
+def _resolve(results: list[tuple[_Op, Any, BaseException | None]]) -> None:
+    for op, value, error in results:
+        future = op.future
+        if future is None or future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+def _api_error(exc: sqlite3.Error) -> errors.ApiError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+        return errors.journal_full()
+    return errors.journal_failed(str(exc))
+
+
+def _forget(conn: sqlite3.Connection, key: bytes) -> None:
+    conn.execute("DELETE FROM turns WHERE key = ?", (key,))
+    conn.execute("DELETE FROM sessions WHERE key = ?", (key,))
+
+
+def _head(write: TurnWrite) -> bytes:
+    return orjson.dumps(
+        [
+            write.exact,
+            write.n_messages,
+            write.common,
+            write.prompt_len,
+            write.end,
+            write.with_input_ids,
+            write.cut,
+            write.timestamps[0],
+            write.timestamps[1],
+        ]
+    )
+
+
+def _turn_write(row: tuple[Any, ...]) -> TurnWrite:
+    k, head, rest, messages, suffix, logprobs_len = row
+    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = orjson.loads(
+        head
+    )
+    tokens = array(TOKEN_TYPECODE)
+    tokens.frombytes(suffix)
+    return TurnWrite(
+        keep=k,
+        exact=exact,
+        messages=unframe(messages),
+        n_messages=n_messages,
+        common=common,
+        suffix=tokens,
+        prompt_len=prompt_len,
+        end=end,
+        rest=rest,
+        with_input_ids=bool(with_input_ids),
+        answer=b"",  # stays on disk
+        cut=cut,
+        logprobs=array(LOGPROB_TYPECODE),  # stays on disk
+        timestamps=(done, arrived),
+    )
+
+
+def _turns_by_session(conn: sqlite3.Connection) -> Iterator[tuple[bytes, list[tuple]]]:
+    rows = conn.execute(
+        "SELECT key, k, head, rest, messages, suffix, length(logprobs) FROM turns ORDER BY key, k"
+    )
+    current: bytes | None = None
+    group: list[tuple] = []
+    for key, *row in rows:
+        if key != current:
+            if current is not None:
+                yield current, group
+            current, group = key, []
+        group.append(tuple(row))
+    if current is not None:
+        yield current, group
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> bytes | None:
+    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+    return bytes(row[0]) if row else None
+
+
+def _set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+
+def _lock(directory: Path) -> Any:
+    """Create the directory, refuse foreign files in it, take its lock."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JournalError(f"cannot create DATA_DIR {directory}: {exc}") from None
+    for entry in sorted(directory.iterdir()):
+        if entry.name not in EXPECTED:
+            raise JournalError(
+                f"DATA_DIR {directory} holds {entry}, which is not part of a journal; "
+                f"move it away or choose another DATA_DIR (nothing was deleted)"
+            )
+    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise JournalError(
+            f"DATA_DIR {directory} is in use by another server ({holder}); "
+            f"each server needs its own DATA_DIR"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _open(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
+    fresh = not path.exists() or path.stat().st_size == 0
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.isolation_level = "DEFERRED"  # `with conn` opens and commits transactions
+        if fresh:
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            raise JournalError(
+                f"{path} is an SQLite database but not a rollout-sessions journal "
+                f"(application_id {app_id}); move it away (nothing was deleted)"
+            )
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise JournalError(
+                f"{path} has journal format {version}, this server reads {SCHEMA_VERSION}"
+            )
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise JournalError(f"{path}: cannot switch to WAL mode")
+        conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        if max_bytes is not None:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(16, max_bytes // page)}")
+        conn.executescript(_SCHEMA)
+        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise JournalError(f"{path} is damaged (quick_check failed); nothing was deleted")
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(
+            f"{path} is not a readable journal ({exc}); nothing was deleted"
+        ) from None
+    return conn
