@@ -13,8 +13,12 @@ Layout, the same in both stores: ``sessions`` (key -> create row), ``turns``
 (key, k -> small fields), ``turn_data`` (key, k -> tokens, blob) and
 ``messages`` (key, pos -> body). Small fields live apart from the blobs so a
 restart reads only them. SQLite: WITHOUT ROWID tables with PRIMARY KEY (key, k),
-``auto_vacuum=INCREMENTAL``, WAL, a 32 MiB page cache, ``executemany`` per table
-inside one BEGIN/COMMIT per batch. LMDB: named sub-databases, keys
+``auto_vacuum=INCREMENTAL``, WAL (default autocheckpoint, 1000 pages),
+``secure_delete=OFF`` (Debian builds default it on), 4 KiB pages, a 32 MiB page
+cache, ``executemany`` per table inside one BEGIN/COMMIT per batch. SQLite
+advises WITHOUT ROWID only for rows under ~1/20 of a page, so one more
+configuration, ``sqlite-normal-rowid``, makes the two big-row tables
+(``turn_data``, ``messages``) rowid tables. LMDB: named sub-databases, keys
 ``key || be32(k)``, ``Cursor.putmulti`` per sub-database in one write
 transaction, map_size 64 GiB (the file grows as used; no writemap).
 
@@ -23,6 +27,7 @@ Stores and durability settings, and what each loses:
 * ``sqlite-normal`` (WAL, ``synchronous=NORMAL``): the WAL is fsynced only at
   checkpoints. Process kill: nothing. Power loss / OS crash: the commits since
   the last WAL sync roll back; the database stays consistent.
+* ``sqlite-normal-rowid``: as ``sqlite-normal``, rowid tables for big rows.
 * ``sqlite-full`` (WAL, ``synchronous=FULL``): the WAL is fsynced at every
   commit. Loses nothing on either.
 * ``lmdb-sync`` (``sync=True``, default): data pages fdatasynced, then the meta
@@ -43,11 +48,13 @@ Measured in one run, the configurations in alternating order, repeated
    writeback threads are not counted). The stream round-robins over a steady
    set of live sessions (``--live``) with creates and deletes mixed in as the
    sessions start and end, after an untimed warm-up of one full cycle;
-2. commit latency p50/p99 per batch at batch size 64 (same cells);
+2. commit latency p50/p99 per batch at batch size 64 (same cells): the time of the
+   transaction in the writer thread, from BEGIN to the end of COMMIT;
 3. session deletes (all rows of a session) per second, 64 per commit;
 4. disk usage: write ``--disk-sessions`` sessions x 8 turns (interleaved, 64
    turns per commit), delete a random half, reclaim (SQLite:
-   ``PRAGMA incremental_vacuum`` + ``wal_checkpoint(TRUNCATE)``; LMDB cannot
+   ``PRAGMA incremental_vacuum``, one execute per free page because Python's
+   ``sqlite3`` runs only its first step, + ``wal_checkpoint(TRUNCATE)``; LMDB cannot
    shrink its file, so nothing, plus the size a compacting ``env.copy`` would
    give), then write as many new sessions again (is freed space reused?).
    SQLite sizes are taken after ``wal_checkpoint(TRUNCATE)``; all sizes count
@@ -91,7 +98,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -291,33 +298,46 @@ def dir_bytes(path: Path) -> int:
 
 
 SQLITE_TABLES = ("sessions", "turns", "turn_data", "messages")
-SQLITE_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS sessions (key BLOB PRIMARY KEY, meta BLOB NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS turns (key BLOB NOT NULL, k INTEGER NOT NULL,"
-    " meta BLOB NOT NULL, PRIMARY KEY (key, k)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS turn_data (key BLOB NOT NULL, k INTEGER NOT NULL,"
-    " tokens BLOB NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (key, k)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS messages (key BLOB NOT NULL, k INTEGER NOT NULL,"
-    " body BLOB NOT NULL, PRIMARY KEY (key, k)) WITHOUT ROWID",
-)
+SQLITE_COLUMNS = {
+    "sessions": "key BLOB PRIMARY KEY, meta BLOB NOT NULL",
+    "turns": "key BLOB NOT NULL, k INTEGER NOT NULL, meta BLOB NOT NULL, PRIMARY KEY (key, k)",
+    "turn_data": "key BLOB NOT NULL, k INTEGER NOT NULL, tokens BLOB NOT NULL,"
+    " blob BLOB NOT NULL, PRIMARY KEY (key, k)",
+    "messages": "key BLOB NOT NULL, k INTEGER NOT NULL, body BLOB NOT NULL, PRIMARY KEY (key, k)",
+}
+BIG_ROW_TABLES = ("turn_data", "messages")
+
+
+def sqlite_schema(rowid_big_rows: bool) -> list[str]:
+    """WITHOUT ROWID tables; with ``rowid_big_rows`` the two big-row tables are rowid
+    tables instead (their PRIMARY KEY becomes a separate index), as SQLite advises for
+    rows larger than ~1/20 of a page."""
+    statements = []
+    for table, columns in SQLITE_COLUMNS.items():
+        suffix = "" if rowid_big_rows and table in BIG_ROW_TABLES else " WITHOUT ROWID"
+        statements.append(f"CREATE TABLE IF NOT EXISTS {table} ({columns}){suffix}")
+    return statements
 
 
 class SqliteStore:
-    def __init__(self, path: Path, synchronous: str) -> None:
+    def __init__(self, path: Path, synchronous: str, rowid_big_rows: bool = False) -> None:
         self.path = path
         self.conn = sqlite3.connect(
             path / "journal.db", isolation_level=None, check_same_thread=False
         )
         # auto_vacuum must precede the first write (journal_mode=WAL writes page 1).
+        # secure_delete is on by default in Debian's build: it zeroes every freed page,
+        # which LMDB does not do either.
         for pragma in (
             "auto_vacuum=INCREMENTAL",
             "journal_mode=WAL",
             f"synchronous={synchronous}",
+            "secure_delete=OFF",
             f"cache_size=-{SQLITE_CACHE_KIB}",
             f"journal_size_limit={64 * MB}",
         ):
             self.conn.execute(f"PRAGMA {pragma}").fetchall()
-        for statement in SQLITE_SCHEMA:
+        for statement in sqlite_schema(rowid_big_rows):
             self.conn.execute(statement)
         assert self.pragma("auto_vacuum") == 2, "auto_vacuum=INCREMENTAL did not take"
 
@@ -364,7 +384,15 @@ class SqliteStore:
         assert busy == 0, "checkpoint blocked"
 
     def reclaim(self) -> None:
-        self.conn.execute("PRAGMA incremental_vacuum").fetchall()  # fetchall: runs every step
+        """Give every free page back to the OS. Python's sqlite3 runs one step of
+        ``PRAGMA incremental_vacuum`` per execute (the pragma reports no columns, so
+        the module stops after the first step), and each step frees one page: loop."""
+        pages = self.pragma("freelist_count")
+        self.conn.execute("BEGIN")
+        for _ in range(pages):
+            self.conn.execute("PRAGMA incremental_vacuum")
+        self.conn.execute("COMMIT")
+        assert self.pragma("freelist_count") == 0
         self.settle()
 
     def space(self) -> dict[str, int]:
@@ -473,22 +501,20 @@ class Config:
     durable: bool
     on_kill: str
     on_power_loss: str
+    rowid_big_rows: bool = False
 
     def open(self, path: Path) -> SqliteStore | LmdbStore:
         if self.kind == "sqlite":
-            return SqliteStore(path, "FULL" if self.durable else "NORMAL")
+            sync = "FULL" if self.durable else "NORMAL"
+            return SqliteStore(path, sync, self.rowid_big_rows)
         return LmdbStore(path, sync=self.durable)
 
 
+SQLITE_NORMAL_LOSS = "commits since the last WAL sync (checkpoint); stays consistent"
 CONFIGS = (
-    Config(
-        "sqlite-normal",
-        "sqlite",
-        False,
-        "nothing",
-        "commits since the last WAL sync (checkpoint); stays consistent",
-    ),
+    Config("sqlite-normal", "sqlite", False, "nothing", SQLITE_NORMAL_LOSS),
     Config("sqlite-full", "sqlite", True, "nothing", "nothing"),
+    Config("sqlite-normal-rowid", "sqlite", False, "nothing", SQLITE_NORMAL_LOSS, True),
     Config("lmdb-sync", "lmdb", True, "nothing", "nothing"),
     Config(
         "lmdb-nosync",
@@ -797,9 +823,12 @@ def run_store_phases(p: Params, base: Path, seed: int) -> dict[str, Any]:
     return {name: {"median": medians(reps), "reps": reps} for name, reps in results.items()}
 
 
+LOAD_CONFIGS = ("sqlite-normal", "lmdb-nosync")  # sessions/turns tables are the same in all
+
+
 def run_load_phase(p: Params, base: Path, seed: int) -> dict[str, Any]:
     """Populate one store per kind (non-durable setting), then cold/warm loads alternating."""
-    configs = {c.kind: c for c in CONFIGS if not c.durable}
+    configs = {c.kind: c for c in CONFIGS if c.name in LOAD_CONFIGS}
     paths = {kind: Path(tempfile.mkdtemp(prefix=f"load-{kind}-", dir=base)) for kind in configs}
     try:
         setup = {k: populate_for_load(c, p, paths[k], seed) for k, c in configs.items()}
@@ -922,10 +951,21 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
+SIZE_OPTIONS = {
+    "live": "live sessions in the sustained-write stream (1024; quick 256)",
+    "disk_sessions": "sessions of 8 turns in the disk-usage phase (2000; quick 300)",
+    "load_singles": "1-turn sessions in the restart phase (100000; quick 5000)",
+    "load_multis": "8-turn sessions in the restart phase (1000; quick 100)",
+}
+
+
 def params_for(args: argparse.Namespace) -> Params:
     if args.quick:
-        return Params(256, 0.3, 1.5, 50, 300, 5_000, 100, 200, args.reps)
-    return Params(1024, 2.0, 6.0, 300, 2_000, 100_000, 1_000, 1_000, args.reps)
+        p = Params(256, 0.3, 1.5, 50, 300, 5_000, 100, 200, args.reps)
+    else:
+        p = Params(1024, 2.0, 6.0, 300, 2_000, 100_000, 1_000, 1_000, args.reps)
+    overrides = {name: getattr(args, name) for name in SIZE_OPTIONS}
+    return replace(p, **{name: v for name, v in overrides.items() if v is not None})
 
 
 def environment() -> dict[str, Any]:
@@ -945,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    for name, help_ in SIZE_OPTIONS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=help_)
     args = parser.parse_args(argv)
     p = params_for(args)
     json_path = args.json or RESULTS / (

@@ -338,8 +338,9 @@ class Journal:
             conn = self._conn
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             if free > 256:
-                conn.execute("PRAGMA incremental_vacuum")
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # As a script: run to the end (one execute() step frees one page).
+                conn.executescript("PRAGMA incremental_vacuum;")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("journal maintenance failed: %s", exc)
 
