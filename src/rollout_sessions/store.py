@@ -326,7 +326,9 @@ class Trajectory:
                 if turn.n_messages > exact and turn.own_messages is None:
                     turns[k] = dataclasses.replace(turn, own_messages=stored[: turn.n_messages])
             del stored[exact:]
-        stored.extend(messages)
+        # Copies of exact size: orjson's output keeps its whole write buffer
+        # (32 KiB at least) allocated, a message's bytes are often a tenth of that.
+        stored.extend(bytes(memoryview(m)) for m in messages)
 
     # -- training export --------------------------------------------------------------
 
