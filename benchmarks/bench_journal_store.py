@@ -45,9 +45,11 @@ Measured in one run, the configurations in alternating order, repeated
 
 1. sustained turn writes at batch sizes 1, 16, 64, 256 turns per commit:
    turns/s and process CPU per turn (getrusage user+sys, all threads; kernel
-   writeback threads are not counted). The stream round-robins over a steady
-   set of live sessions (``--live``) with creates and deletes mixed in as the
-   sessions start and end, after an untimed warm-up of one full cycle;
+   writeback threads are not counted), and, per turn, the bytes handed to write
+   syscalls and the number of read+write syscalls (``/proc/self/io``). The
+   stream round-robins over a steady set of live sessions (``--live``) with
+   creates and deletes mixed in as the sessions start and end, after an untimed
+   warm-up of one full cycle;
 2. commit latency p50/p99 per batch at batch size 64 (same cells): the time of the
    transaction in the writer thread, from BEGIN to the end of COMMIT;
 3. session deletes (all rows of a session) per second, 64 per commit;
@@ -386,7 +388,8 @@ class SqliteStore:
     def reclaim(self) -> None:
         """Give every free page back to the OS. Python's sqlite3 runs one step of
         ``PRAGMA incremental_vacuum`` per execute (the pragma reports no columns, so
-        the module stops after the first step), and each step frees one page: loop."""
+        the module stops after the first step), and each step frees one page: loop.
+        (``executescript``, i.e. sqlite3_exec, also runs it to the end.)"""
         pages = self.pragma("freelist_count")
         self.conn.execute("BEGIN")
         for _ in range(pages):
@@ -535,6 +538,15 @@ def cpu_seconds() -> tuple[float, float]:
     return usage.ru_utime, usage.ru_stime
 
 
+def io_counters() -> dict[str, int]:
+    """This process's I/O counters (Linux; all threads): bytes and calls of read/write syscalls."""
+    try:
+        text = Path("/proc/self/io").read_text()
+    except OSError:
+        return {}
+    return {name: int(value) for name, value in (line.split(": ") for line in text.splitlines())}
+
+
 class Writer:
     """The single writer thread: commits each queued batch in one transaction, then
     wakes that batch's waiters. A batch stands for everything queued at that moment."""
@@ -637,7 +649,7 @@ def throughput_cell(
     """Sustained writes at one batch size: turns/s, CPU/turn, commit latencies."""
     need = p.latency_commits if batch_turns == LATENCY_BATCH else 1
     writer.latencies.clear()
-    raw0, watch, last, commits = stream.raw, Stopwatch(), None, 0
+    io0, raw0, watch, last, commits = io_counters(), stream.raw, Stopwatch(), None, 0
     while True:
         elapsed = time.perf_counter() - watch.wall
         if elapsed >= p.cell_max_s or (elapsed >= p.cell_s and commits >= need):
@@ -646,8 +658,11 @@ def throughput_cell(
         commits += 1
     writer.drain(last)
     timed, turns = watch.stop(), commits * batch_turns
+    io = {name: value - io0[name] for name, value in io_counters().items()}
     lat = writer.latencies
     return {
+        f"b{batch_turns}_write_kib": io.get("wchar", math.nan) / turns / 1024,
+        f"b{batch_turns}_syscalls": (io.get("syscr", math.nan) + io.get("syscw", 0)) / turns,
         f"b{batch_turns}_turns_s": turns / timed.wall,
         f"b{batch_turns}_cpu_us": timed.cpu / turns * 1e6,
         f"b{batch_turns}_sys_us": timed.sys / turns * 1e6,
@@ -865,13 +880,17 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def throughput_table(stores: dict[str, Any]) -> str:
     header = ["store", *(f"b={b} turns/s (CPU µs/turn)" for b in BATCH_SIZES)]
-    header += [f"b={LATENCY_BATCH} commit p50 / p99 ms"]
+    header += [
+        f"b={LATENCY_BATCH} commit p50 / p99 ms",
+        f"b={LATENCY_BATCH} KiB written, r+w calls",
+    ]
     rows = []
     for name, result in stores.items():
         m = result["median"]
         cells = [f"{fmt(m[f'b{b}_turns_s'])} ({fmt(m[f'b{b}_cpu_us'])})" for b in BATCH_SIZES]
         lat = f"{fmt(m[f'b{LATENCY_BATCH}_p50_ms'])} / {fmt(m[f'b{LATENCY_BATCH}_p99_ms'])}"
-        rows.append([name, *cells, lat])
+        io = f"{fmt(m[f'b{LATENCY_BATCH}_write_kib'])}, {fmt(m[f'b{LATENCY_BATCH}_syscalls'])}"
+        rows.append([name, *cells, lat, io])
     return table(header, rows)
 
 
@@ -963,7 +982,7 @@ def params_for(args: argparse.Namespace) -> Params:
     if args.quick:
         p = Params(256, 0.3, 1.5, 50, 300, 5_000, 100, 200, args.reps)
     else:
-        p = Params(1024, 2.0, 6.0, 300, 2_000, 100_000, 1_000, 1_000, args.reps)
+        p = Params(1024, 1.5, 5.0, 300, 2_000, 100_000, 1_000, 1_000, args.reps)
     overrides = {name: getattr(args, name) for name in SIZE_OPTIONS}
     return replace(p, **{name: v for name, v in overrides.items() if v is not None})
 
