@@ -31,11 +31,11 @@ another server holds (an exclusive lock on ``LOCK``).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -133,9 +133,10 @@ class Journal:
         self._lock_file = _lock(self.directory)
         self._conn = _open(self.directory / DB_NAME, sync, max_bytes)
         self._compressor = zstandard.ZstdCompressor(level=1)
-        self._queue: collections.deque[_Op] = collections.deque()
-        self._wake = threading.Condition()
-        self._closing = False
+        # Operations gathered during one event-loop tick go to the writer
+        # thread in one put: one wake-up per tick, not one per operation.
+        self._pending: list[_Op] = []
+        self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._next_slot = 0
@@ -179,9 +180,8 @@ class Journal:
         self._thread.start()
 
     async def close(self) -> None:
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
+        self._flush()
+        self._queue.put(None)  # after everything queued before it
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._conn.close()
@@ -292,24 +292,40 @@ class Journal:
         return future
 
     def _enqueue(self, op: _Op) -> None:
-        with self._wake:
-            self._queue.append(op)
-            if len(self._queue) == 1:
-                self._wake.notify()
+        pending = self._pending
+        pending.append(op)
+        if len(pending) == 1:
+            if self._loop is None:  # not started: nothing to gather with
+                self._flush()
+            else:
+                self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._queue.put(self._pending)
+            self._pending = []
 
     def _run(self) -> None:
         last_maintenance = time.monotonic()
-        while True:
-            with self._wake:
-                if not self._queue and not self._closing:
-                    self._wake.wait(MAINTENANCE_EVERY_S)
-                batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
-                closing = self._closing and not self._queue
+        closing = False
+        while not closing:
+            try:
+                got = self._queue.get(timeout=MAINTENANCE_EVERY_S)
+            except queue.Empty:
+                got = []
+            batch: list[_Op] = []
+            while got is not None:
+                batch += got
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    got = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            closing = got is None
             if batch:
                 self._commit(batch)
-            if closing:
-                return
-            if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S:
+            if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S and not closing:
                 last_maintenance = time.monotonic()
                 self._maintain()
 
