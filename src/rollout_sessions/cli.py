@@ -6,9 +6,11 @@ Subcommands:
 - ``echo-backend``: the echo inference backend alone (``rollout_sessions.echo.cli``).
 - ``demo``: a simulated rollout against a server (``rollout_sessions.demo``).
 - ``tombstone-sizing``: the recommended tombstone capacity (``rollout_sessions.sizing``).
+- ``cluster``: N instances behind HAProxy on one URL (``rollout_sessions.cluster``).
+- ``cluster-config``: the HAProxy configuration for instances on several hosts.
 
-The last three belong to their modules: everything after the subcommand is
-passed to that module's ``main(argv)``.
+All but ``serve`` belong to their modules: everything after the subcommand is
+passed to that module's entry point (``main(argv)`` unless named).
 """
 
 from __future__ import annotations
@@ -21,13 +23,21 @@ from collections.abc import Sequence
 from rollout_sessions import __version__
 from rollout_sessions.config import SettingsError, add_arguments, load_settings
 
-# subcommand -> (module, one-line help); imported only when used.
+# subcommand -> ("module[:function]", one-line help); imported only when used.
 DELEGATED = {
     "echo-backend": ("rollout_sessions.echo.cli", "run the echo inference backend alone"),
     "demo": ("rollout_sessions.demo", "drive a simulated rollout and print a summary"),
     "tombstone-sizing": (
         "rollout_sessions.sizing",
         "recommend a tombstone capacity for a delete rate and retry window",
+    ),
+    "cluster": (
+        "rollout_sessions.cluster:cluster_main",
+        "run N instances behind HAProxy on one URL (exact session affinity)",
+    ),
+    "cluster-config": (
+        "rollout_sessions.cluster:config_main",
+        "print the HAProxy configuration for instances on several hosts",
     ),
 }
 
@@ -75,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _delegate(command: str, argv: list[str]) -> int:
-    module = importlib.import_module(DELEGATED[command][0])
-    result = module.main(argv)
+    module_name, _, function = DELEGATED[command][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
+    result = entry(argv)
     return int(result or 0)
 
 
