@@ -507,7 +507,6 @@ def _open(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
         # longer WAL between checkpoints writes each page back less often.
         conn.execute("PRAGMA secure_delete = OFF")
         conn.execute("PRAGMA wal_autocheckpoint = 8000")
-        conn.execute("PRAGMA cache_size = -65536")  # 64 MiB
         if max_bytes is not None:
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {max(16, max_bytes // page)}")

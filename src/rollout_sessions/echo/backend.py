@@ -19,6 +19,7 @@ Control fields for tests and demos ride in the request body under ``"echo"``
               "drift": true,            # with a tokenizer: a non-canonical tokenization
               "reasoning": "...",       # reasoning_content of the reply
               "replay": true,           # meta_info.routed_experts and indexer_topk
+              "logprobs_content": true, # also OpenAI-style choices[0].logprobs.content
               "status": 503,            # answer this status with a JSON error body
               "fault": "no_meta_info" | "no_logprobs" | "content_none" |
                        "count_mismatch" | "no_prompt_ids" | "bad_prompt_ids" |
@@ -321,7 +322,19 @@ class EchoBackend:
             }
             if req.get("logprobs") and fault != "no_logprobs":
                 # Deterministic, finite, non-positive "logprobs".
-                meta["output_token_logprobs"] = [[-(t % 7) / 8.0, t, None] for t in completion]
+                meta["output_token_logprobs"] = [[_logprob(t), t, None] for t in completion]
+                if control.get("logprobs_content"):
+                    choice["logprobs"] = {
+                        "content": [
+                            {
+                                "token": f"<{t}>",
+                                "logprob": _logprob(t),
+                                "bytes": None,
+                                "top_logprobs": [],
+                            }
+                            for t in completion
+                        ]
+                    }
             if control.get("replay"):  # routing-replay payloads, as SGLang sends them
                 meta["routed_experts"] = "AAECAw=="
                 meta["indexer_topk"] = [[4], [5]]
@@ -338,6 +351,10 @@ class EchoBackend:
                 "total_tokens": len(prompt) + len(completion),
             },
         }
+
+
+def _logprob(token: int) -> float:
+    return -(token % 7) / 8.0
 
 
 def _abort(request: web.Request) -> None:

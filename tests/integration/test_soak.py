@@ -1,0 +1,33 @@
+"""The soak, 60 seconds: a faulty rollout with kill -9 restarts, every invariant checked.
+
+``benchmarks/soak.py`` does the work and exits non-zero on any violated
+invariant; this test runs it as a user would and reads its JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+
+
+def test_a_minute_of_faults_and_restarts_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    argv = [sys.executable, str(SOAK), "--duration", "60", "--kills", "2", "--json", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=420)
+    assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["violations"] == [], res["violations"][:10]
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert res["turns"] > 100
+    for name, n in res["faults"].items():
+        assert n > 0, f"fault {name} never injected"
+    assert len(res["restarts"]) == 2
+    counts = res["counts"]
+    assert counts["restart_checks"] == 3  # two restarts and the end
+    assert counts["export_checks"] > 10
+    assert counts["stray_retries"] > 10
+    assert res["rss"]["ok"] and res["fds"]["ok"], (res["rss"], res["fds"])
