@@ -230,6 +230,9 @@ async def _realistic_client(
                 if not a.keep:
                     await get_session(client, sid)
                     await delete_session(client, sid)
+                elif a.ids_out:
+                    with open(a.ids_out, "a") as out:
+                        out.write(sid + "\n")
             except HttpError as e:
                 rec.error(str(e))
     finally:
@@ -293,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--sessions", type=int, default=0, help="stop after this many (0: no limit)"
             )
             s.add_argument("--keep", action="store_true", help="never GET or DELETE (memory study)")
+            s.add_argument("--ids-out", help="with --keep: append each kept session's id here")
     return p
 
 
