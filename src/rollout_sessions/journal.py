@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import queue
@@ -40,49 +39,40 @@ import sqlite3
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import zstandard
 
-from rollout_sessions import errors
-from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
+from rollout_sessions.answer import LOGPROB_TYPECODE
+from rollout_sessions.journal_db import (
+    DB_NAME,
+    KINDS,
+    JournalError,
+    api_error,
+    forget,
+    frame,
+    get_meta,
+    head_bytes,
+    lock_dir,
+    open_db,
+    set_meta,
+    turn_write,
+    turns_by_session,
+)
 from rollout_sessions.store import TurnWrite
+
+__all__ = ["Journal", "JournalError", "Restored"]
 
 log = logging.getLogger("rollout_sessions")
 
-DB_NAME = "journal.sqlite3"
-LOCK_NAME = "LOCK"
-EXPECTED = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME}
-APPLICATION_ID = 0x52534A31  # "RSJ1": this is our journal, not another SQLite file
-SCHEMA_VERSION = 1
 MAX_BATCH = 512  # operations committed in one transaction at most
 MAINTENANCE_EVERY_S = 2.0
 # Minting reserves payloads ahead in blocks: an id handed out is always below
 # the reservation on disk, so a restart never mints an id twice.
 MINT_BLOCK = 1 << 20
-
-KINDS = {"minted": 0, "by_id": 1, "auto": 2}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
-    key BLOB PRIMARY KEY, sid TEXT NOT NULL, kind INTEGER NOT NULL, touched REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS turns (
-    key BLOB NOT NULL, k INTEGER NOT NULL, head BLOB NOT NULL, rest BLOB NOT NULL,
-    messages BLOB NOT NULL, suffix BLOB NOT NULL, answer BLOB NOT NULL, logprobs BLOB NOT NULL,
-    PRIMARY KEY (key, k)
-);
-CREATE TABLE IF NOT EXISTS deleted (slot INTEGER PRIMARY KEY, key BLOB NOT NULL, at REAL NOT NULL);
-"""
-
-
-class JournalError(Exception):
-    """The journal cannot start: the message says why and names the file."""
 
 
 @dataclass
@@ -94,23 +84,6 @@ class Restored:
     sessions: list[tuple[bytes, str, int, float]]  # (key, sid, kind, touched), oldest first
     turns: dict[bytes, list[TurnWrite]] = field(default_factory=dict)
     deleted: list[tuple[bytes, float]] = field(default_factory=list)  # (key, at), oldest first
-
-
-def frame(parts: tuple[bytes, ...]) -> bytes:
-    """Byte strings as one: their count, their lengths (uint32), then themselves."""
-    lengths = array("I", [len(p) for p in parts])
-    return len(parts).to_bytes(4, "little") + lengths.tobytes() + b"".join(parts)
-
-
-def unframe(blob: bytes) -> tuple[bytes, ...]:
-    n = int.from_bytes(blob[:4], "little")
-    lengths = array("I")
-    lengths.frombytes(blob[4 : 4 + 4 * n])
-    out, at = [], 4 + 4 * n
-    for length in lengths:
-        out.append(blob[at : at + length])
-        at += length
-    return tuple(out)
 
 
 class _Op:
@@ -130,8 +103,8 @@ class Journal:
         self, directory: str | os.PathLike[str], sync: str = "normal", max_bytes: int | None = None
     ) -> None:
         self.directory = Path(directory)
-        self._lock_file = _lock(self.directory)
-        self._conn = _open(self.directory / DB_NAME, sync, max_bytes)
+        self._lock_file = lock_dir(self.directory)
+        self._conn = open_db(self.directory / DB_NAME, sync, max_bytes)
         self._compressor = zstandard.ZstdCompressor(level=1)
         # Operations gathered during one event-loop tick go to the writer
         # thread in one put: one wake-up per tick, not one per operation.
@@ -149,16 +122,16 @@ class Journal:
         """Everything to restore, in the order to restore it."""
         conn = self._conn
         self._deleted_capacity = deleted_capacity
-        secrets = _meta(conn, "secrets")
-        reserved = int(_meta(conn, "mint_reserved") or b"0")
+        secrets = get_meta(conn, "secrets")
+        reserved = int(get_meta(conn, "mint_reserved") or b"0")
         sessions = conn.execute(
             "SELECT key, sid, kind, touched FROM sessions ORDER BY touched"
         ).fetchall()
         restored = Restored(secrets, reserved, sessions)
         total = len(sessions)
         done = 0
-        for key, rows in _turns_by_session(conn):
-            restored.turns[key] = [_turn_write(row) for row in rows]
+        for key, rows in turns_by_session(conn):
+            restored.turns[key] = [turn_write(row) for row in rows]
             done += 1
             if done % 10_000 == 0:
                 progress(done, total)
@@ -171,8 +144,8 @@ class Journal:
         """Keep the registry's secrets and reserve the first block of mints."""
         self.mint_reserved = mint_counter + MINT_BLOCK
         with self._conn:
-            _set_meta(self._conn, "secrets", secrets)
-            _set_meta(self._conn, "mint_reserved", str(self.mint_reserved).encode())
+            set_meta(self._conn, "secrets", secrets)
+            set_meta(self._conn, "mint_reserved", str(self.mint_reserved).encode())
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -215,7 +188,7 @@ class Journal:
                 (
                     key,
                     write.keep,
-                    _head(write),
+                    head_bytes(write),
                     write.rest,
                     frame(write.messages),
                     write.suffix.tobytes(),
@@ -231,7 +204,7 @@ class Journal:
         now = time.time()
 
         def run(conn: sqlite3.Connection) -> None:
-            _forget(conn, key)
+            forget(conn, key)
             if foreign:
                 conn.execute(
                     "INSERT OR REPLACE INTO deleted VALUES (?, ?, ?)", (self._next_slot, key, now)
@@ -242,7 +215,7 @@ class Journal:
 
     def expire(self, key: bytes) -> None:
         """A session evicted after its idle TTL (nobody waits for this write)."""
-        self._enqueue(_Op(lambda conn: _forget(conn, key), None))
+        self._enqueue(_Op(lambda conn: forget(conn, key), None))
 
     def note_minted(self, mint_counter: int) -> None:
         """Reserve the next block of mints when half of the current one is used."""
@@ -250,7 +223,7 @@ class Journal:
             return
         self.mint_reserved += MINT_BLOCK
         value = str(self.mint_reserved).encode()
-        self._enqueue(_Op(lambda conn: _set_meta(conn, "mint_reserved", value), None))
+        self._enqueue(_Op(lambda conn: set_meta(conn, "mint_reserved", value), None))
 
     # -- reads (queued behind the writes before them) -------------------------------
 
@@ -343,7 +316,7 @@ class Journal:
                     with conn:
                         results.append((op, op.run(conn), None))
                 except sqlite3.Error as exc:
-                    results.append((op, None, _api_error(exc)))
+                    results.append((op, None, api_error(exc)))
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._loop.call_soon_threadsafe(_resolve, results)
@@ -370,151 +343,3 @@ def _resolve(results: list[tuple[_Op, Any, BaseException | None]]) -> None:
             future.set_exception(error)
         else:
             future.set_result(value)
-
-
-def _api_error(exc: sqlite3.Error) -> errors.ApiError:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
-        return errors.journal_full()
-    return errors.journal_failed(str(exc))
-
-
-def _forget(conn: sqlite3.Connection, key: bytes) -> None:
-    conn.execute("DELETE FROM turns WHERE key = ?", (key,))
-    conn.execute("DELETE FROM sessions WHERE key = ?", (key,))
-
-
-def _head(write: TurnWrite) -> bytes:
-    return orjson.dumps(
-        [
-            write.exact,
-            write.n_messages,
-            write.common,
-            write.prompt_len,
-            write.end,
-            write.with_input_ids,
-            write.cut,
-            write.timestamps[0],
-            write.timestamps[1],
-        ]
-    )
-
-
-def _turn_write(row: tuple[Any, ...]) -> TurnWrite:
-    k, head, rest, messages, suffix, logprobs_len = row
-    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = orjson.loads(
-        head
-    )
-    tokens = array(TOKEN_TYPECODE)
-    tokens.frombytes(suffix)
-    return TurnWrite(
-        keep=k,
-        exact=exact,
-        messages=unframe(messages),
-        n_messages=n_messages,
-        common=common,
-        suffix=tokens,
-        prompt_len=prompt_len,
-        end=end,
-        rest=rest,
-        with_input_ids=bool(with_input_ids),
-        answer=b"",  # stays on disk
-        cut=cut,
-        logprobs=array(LOGPROB_TYPECODE),  # stays on disk
-        timestamps=(done, arrived),
-    )
-
-
-def _turns_by_session(conn: sqlite3.Connection) -> Iterator[tuple[bytes, list[tuple]]]:
-    rows = conn.execute(
-        "SELECT key, k, head, rest, messages, suffix, length(logprobs) FROM turns ORDER BY key, k"
-    )
-    current: bytes | None = None
-    group: list[tuple] = []
-    for key, *row in rows:
-        if key != current:
-            if current is not None:
-                yield current, group
-            current, group = key, []
-        group.append(tuple(row))
-    if current is not None:
-        yield current, group
-
-
-def _meta(conn: sqlite3.Connection, name: str) -> bytes | None:
-    row = conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
-    return bytes(row[0]) if row else None
-
-
-def _set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
-    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
-
-
-def _lock(directory: Path) -> Any:
-    """Create the directory, refuse foreign files in it, take its lock."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JournalError(f"cannot create DATA_DIR {directory}: {exc}") from None
-    for entry in sorted(directory.iterdir()):
-        if entry.name not in EXPECTED:
-            raise JournalError(
-                f"DATA_DIR {directory} holds {entry}, which is not part of a journal; "
-                f"move it away or choose another DATA_DIR (nothing was deleted)"
-            )
-    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise JournalError(
-            f"DATA_DIR {directory} is in use by another server ({holder}); "
-            f"each server needs its own DATA_DIR"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
-
-
-def _open(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
-    fresh = not path.exists() or path.stat().st_size == 0
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.isolation_level = "DEFERRED"  # `with conn` opens and commits transactions
-        if fresh:
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # before the first table
-            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        if app_id != APPLICATION_ID:
-            raise JournalError(
-                f"{path} is an SQLite database but not a rollout-sessions journal "
-                f"(application_id {app_id}); move it away (nothing was deleted)"
-            )
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
-            raise JournalError(
-                f"{path} has journal format {version}, this server reads {SCHEMA_VERSION}"
-            )
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise JournalError(f"{path}: cannot switch to WAL mode")
-        conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
-        # Freed pages need not be zeroed (some builds do by default), and a
-        # longer WAL between checkpoints writes each page back less often.
-        conn.execute("PRAGMA secure_delete = OFF")
-        conn.execute("PRAGMA wal_autocheckpoint = 8000")
-        if max_bytes is not None:
-            page = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {max(16, max_bytes // page)}")
-        conn.executescript(_SCHEMA)
-        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            raise JournalError(f"{path} is damaged (quick_check failed); nothing was deleted")
-    except sqlite3.DatabaseError as exc:
-        raise JournalError(
-            f"{path} is not a readable journal ({exc}); nothing was deleted"
-        ) from None
-    return conn

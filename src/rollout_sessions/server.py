@@ -26,7 +26,7 @@ from blacksheep import Application
 from rollout_sessions._uvicorn import guarded_protocol
 from rollout_sessions.app import create_app
 from rollout_sessions.config import Settings, unknown_env_vars
-from rollout_sessions.journal import JournalError
+from rollout_sessions.journal_db import JournalError
 
 log = logging.getLogger("rollout_sessions")
 

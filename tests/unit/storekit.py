@@ -79,12 +79,12 @@ WRITES: dict[int, list[TurnWrite]] = {}
 
 def replayed(traj: Trajectory) -> Trajectory:
     """A trajectory rebuilt from ``traj``'s writes through the journal's encoding."""
-    from rollout_sessions.journal import _head, _turn_write, frame
+    from rollout_sessions.journal_db import frame, head_bytes, turn_write
 
     copy = Trajectory()
     for w in WRITES[id(traj)]:
-        row = (w.keep, _head(w), w.rest, frame(w.messages), w.suffix.tobytes(), 0)
-        copy.apply(_turn_write(row), keep_answer=False)
+        row = (w.keep, head_bytes(w), w.rest, frame(w.messages), w.suffix.tobytes(), 0)
+        copy.apply(turn_write(row), keep_answer=False)
     return copy
 
 

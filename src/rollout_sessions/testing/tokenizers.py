@@ -32,6 +32,7 @@ import json
 import random
 import sys
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 __all__ = [
@@ -100,140 +101,9 @@ _SEED = 20250107
 # source is shared, so "stock" and "append_only" differ in exactly that one condition.
 # All literal text goes through {{- ... -}} and every tag trims whitespace, so the
 # layout of the jinja source never leaks into the render. Unknown kwargs are ignored
-# (jinja treats them as undefined variables nobody reads).
+# (jinja treats them as undefined variables nobody reads). The sources are in
+# ``templates/``: ``text_macro.jinja`` (shared), then ``qwen3.jinja`` or ``glm47.jinja``.
 
-_TEXT_MACRO = r"""
-{%- macro text(content) -%}
-  {%- if content is none or content is undefined -%}
-  {%- elif content is string -%}{{- content -}}
-  {%- elif content is mapping -%}{{- content | tojson -}}
-  {%- else -%}
-    {%- for part in content -%}
-      {%- if part is string -%}{{- part -}}
-      {%- elif part.type == 'text' -%}{{- part.text -}}
-      {%- endif -%}
-    {%- endfor -%}
-  {%- endif -%}
-{%- endmacro -%}
-{%- set ns = namespace(last_user=-1) -%}
-{%- for m in messages -%}
-  {%- if m.role == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}
-{%- endfor -%}
-"""
-
-_QWEN3_BODY = r"""
-{%- if tools -%}
-  {{- '<|im_start|>system\n' -}}
-  {%- if messages and messages[0].role == 'system' -%}
-    {{- text(messages[0].content) + '\n\n' -}}
-  {%- endif -%}
-  {{- '# Tools\n\nThese functions are available, one JSON signature per line:\n<tools>' -}}
-  {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
-  {{- '\n</tools>\n\nTo call one, answer with a JSON object in <tool_call></tool_call> tags:\n' -}}
-  {{- '<tool_call>\n{"name": <function-name>, "arguments": <arguments-object>}\n</tool_call>' -}}
-  {{- '<|im_end|>\n' -}}
-{%- elif messages and messages[0].role == 'system' -%}
-  {{- '<|im_start|>system\n' + text(messages[0].content) + '<|im_end|>\n' -}}
-{%- endif -%}
-{%- for m in messages -%}
-  {%- if m.role == 'system' -%}
-    {%- if not loop.first -%}
-      {{- '<|im_start|>system\n' + text(m.content) + '<|im_end|>\n' -}}
-    {%- endif -%}
-  {%- elif m.role == 'user' -%}
-    {{- '<|im_start|>user\n' + text(m.content) + '<|im_end|>\n' -}}
-  {%- elif m.role == 'assistant' -%}
-    {%- set content = text(m.content) | string -%}
-    {%- set reasoning = '' -%}
-    {%- if m.reasoning_content is string -%}
-      {%- set reasoning = m.reasoning_content -%}
-    {%- elif '</think>' in content -%}
-      {#- A think block left inside content (no reasoning parser) counts as reasoning. -#}
-      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
-      {%- set content = content.split('</think>')[-1].lstrip('\n') -%}
-    {%- endif -%}
-    {%- set reasoning = reasoning.strip('\n') -%}
-    {{- '<|im_start|>assistant\n' -}}
-    {%- if reasoning and (keep_all_reasoning or loop.index0 > ns.last_user) -%}
-      {{- '<think>\n' + reasoning + '\n</think>\n\n' -}}
-    {%- endif -%}
-    {{- content -}}
-    {%- for call in m.tool_calls or [] -%}
-      {%- set f = call.function if call.function is defined else call -%}
-      {%- if content or not loop.first -%}{{- '\n' -}}{%- endif -%}
-      {{- '<tool_call>\n{"name": ' + (f.name | tojson) + ', "arguments": ' -}}
-      {%- if f.arguments is string -%}{{- f.arguments -}}
-      {%- else -%}{{- f.arguments | tojson -}}
-      {%- endif -%}
-      {{- '}\n</tool_call>' -}}
-    {%- endfor -%}
-    {{- '<|im_end|>\n' -}}
-  {%- elif m.role == 'tool' -%}
-    {#- Consecutive tool results share one user turn, as in Qwen's template. -#}
-    {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
-    {{- '\n<tool_response>\n' + text(m.content) + '\n</tool_response>' -}}
-    {%- if loop.last or loop.nextitem.role != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-  {{- '<|im_start|>assistant\n' -}}
-  {%- if enable_thinking is defined and enable_thinking is false -%}
-    {{- '<think>\n\n</think>\n\n' -}}
-  {%- endif -%}
-{%- endif -%}
-"""
-
-_GLM47_BODY = r"""
-{{- '[gMASK]<sop>' -}}
-{%- if tools -%}
-  {{- '<|system|>\n# Tools\n\nThese functions are available, one JSON signature per line:\n' -}}
-  {{- '<tools>' -}}
-  {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
-  {{- '\n</tools>\n\nTo call one, write <tool_call>{function-name}' -}}
-  {{- '<arg_key>{key}</arg_key><arg_value>{value}</arg_value>...</tool_call>' -}}
-{%- endif -%}
-{%- for m in messages -%}
-  {%- if m.role == 'system' -%}
-    {{- '<|system|>\n' + text(m.content) -}}
-  {%- elif m.role == 'user' -%}
-    {{- '<|user|>\n' + text(m.content) -}}
-  {%- elif m.role == 'assistant' -%}
-    {%- set content = text(m.content) | string -%}
-    {%- set reasoning = '' -%}
-    {%- if m.reasoning_content is string -%}
-      {%- set reasoning = m.reasoning_content -%}
-    {%- elif '</think>' in content -%}
-      {%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}
-      {%- set content = content.split('</think>')[-1] -%}
-    {%- endif -%}
-    {{- '<|assistant|>' -}}
-    {%- if reasoning and (keep_all_reasoning or loop.index0 > ns.last_user) -%}
-      {{- '<think>' + reasoning + '</think>' -}}
-    {%- endif -%}
-    {{- content -}}
-    {%- for call in m.tool_calls or [] -%}
-      {%- set f = call.function if call.function is defined else call -%}
-      {{- '\n<tool_call>' + f.name -}}
-      {%- if f.arguments is mapping -%}
-        {%- for key, value in f.arguments.items() -%}
-          {{- '<arg_key>' + key + '</arg_key><arg_value>' -}}
-          {%- if value is string -%}{{- value -}}{%- else -%}{{- value | tojson -}}{%- endif -%}
-          {{- '</arg_value>' -}}
-        {%- endfor -%}
-      {%- elif f.arguments is string -%}
-        {#- A JSON string cannot be parsed in jinja: it goes in as it is. -#}
-        {{- f.arguments -}}
-      {%- endif -%}
-      {{- '</tool_call>' -}}
-    {%- endfor -%}
-  {%- elif m.role == 'tool' -%}
-    {#- One <|observation|> opens a run of tool results: it is the model's stop token. -#}
-    {%- if loop.first or loop.previtem.role != 'tool' -%}{{- '<|observation|>' -}}{%- endif -%}
-    {{- '<tool_response>' + text(m.content) + '</tool_response>' -}}
-  {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}
-"""
 
 _KEEP_ALL_REASONING = {
     ("qwen3", "stock"): "false",
@@ -250,15 +120,19 @@ def _check(family: str, template: str | None = None) -> None:
         raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
+def _template_file(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text()
+
+
 def chat_template(family: str, template: str) -> str:
     """The jinja source of ``family``'s ``template`` (``"stock"`` or ``"append_only"``)."""
     _check(family, template)
-    body = _QWEN3_BODY if family == "qwen3" else _GLM47_BODY
+    body = _template_file(f"{family}.jinja")
     header = (
         f"{{#- rollout_sessions.testing.tokenizers: {family} {template} -#}}\n"
         f"{{%- set keep_all_reasoning = {_KEEP_ALL_REASONING[family, template]} -%}}"
     )
-    return header + _TEXT_MACRO + body.strip() + "\n"
+    return header + "\n" + _template_file("text_macro.jinja") + body.strip() + "\n"
 
 
 def stop_token(family: str, tool_call: bool = False) -> str:
