@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -52,14 +51,14 @@ from benchutil import (  # noqa: E402
     started_process,
 )
 
-from rollout_sessions.testing.processes import ManagedProcess, free_port  # noqa: E402
+from rollout_sessions.testing.processes import ManagedProcess, free_port_range  # noqa: E402
 
 
 @contextlib.contextmanager
 def started_cluster(n: int, upstream: str) -> Iterator[dict[str, Any]]:
     """A cluster of n instances; yields its URL and process handles by role."""
-    port = free_port()
-    base = free_range(n, avoid=port)
+    port = free_port_range(n + 1)  # the balancer, then the instances
+    base = port + 1
     workdir = tempfile.mkdtemp(prefix="rollout-sessions-bench-cluster-")
     argv = [sys.executable, "-m", "rollout_sessions", "cluster", "--instances", str(n)]
     argv += ["--port", str(port), "--base-port", str(base), "--upstream", upstream]
@@ -87,27 +86,6 @@ def started_cluster(n: int, upstream: str) -> Iterator[dict[str, Any]]:
     finally:
         proc.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def free_range(n: int, avoid: int) -> int:
-    """A first port B with B..B+n-1 free (and none of them ``avoid``)."""
-    for _ in range(100):
-        base = free_port()
-        if avoid in range(base, base + n):
-            continue
-        socks = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def own_cpu(proc: psutil.Process) -> float:

@@ -6,8 +6,8 @@ Qwen3-style template, ``rollout_sessions.testing.tokenizers``): the time of
 appended messages, the boundary rule, the appended text encoded, the
 checkpoint copied) for one 400-word tool result appended to a checkpoint of
 1k, 8k and 32k tokens (the tool result in common English words); and
-``Tito.first_turn`` for a first prompt of the same shape. The server's whole CPU per turn with TITO on and off is
-``bench_realistic.py --tokenizer``.
+``Tito.first_turn`` for a first prompt of the same shape. The server's
+whole CPU per turn with TITO on and off is ``bench_realistic.py --tokenizer``.
 
     .venv/bin/python benchmarks/bench_tito.py
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from rollout_sessions import demo
 from rollout_sessions.balancer import route
-from rollout_sessions.testing.processes import ManagedProcess, clean_env
+from rollout_sessions.testing.processes import ManagedProcess, clean_env, free_port_range
 
 HOST = "127.0.0.1"
 ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:-"
@@ -34,30 +34,11 @@ CHAT = "/v1/chat/completions"
 TURN = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
 
-def free_port_range(n: int) -> int:
-    """A first port B with B..B+n all free."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for port in range(base, base + n + 1):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((HOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 class ClusterProc(ManagedProcess):
     """A running ``rollout-sessions cluster``: the balancer URL and each instance's."""
 
     def __init__(self, n: int, *flags: str) -> None:
-        port = free_port_range(n)
+        port = free_port_range(n + 1)  # the balancer, then the instances
         argv = [sys.executable, "-m", "rollout_sessions", "cluster", "--instances", str(n)]
         argv += ["--port", str(port), "--base-port", str(port + 1), *flags]
         super().__init__(argv, port)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,15 @@ from pathlib import Path
 
 from rollout_sessions.server import free_port
 
-__all__ = ["ManagedProcess", "clean_env", "free_port", "serve_argv", "start_echo", "start_server"]
+__all__ = [
+    "ManagedProcess",
+    "clean_env",
+    "free_port",
+    "free_port_range",
+    "serve_argv",
+    "start_echo",
+    "start_server",
+]
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
@@ -37,6 +46,26 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+def free_port_range(n: int, host: str = HOST) -> int:
+    """A first port B with B..B+n-1 all free right now (for a cluster's instances)."""
+    rnd = random.Random()
+    for _ in range(200):
+        base = rnd.randrange(20000, 60000 - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def serve_argv(port: int, *flags: str) -> list[str]:
