@@ -165,6 +165,8 @@ class SessionModel:
     kind: str
     confirmed: list[str] = field(default_factory=list)  # answers the client got, in order
     pending: list[str] = field(default_factory=list)  # answers that may have been recorded
+    delete_sent: bool = False  # from then on the session may be gone
+    delete_unknown: bool = False  # a DELETE whose answer was lost: it may have landed
 
 
 @dataclass
@@ -364,13 +366,17 @@ class Agent:
     async def finish(self, session: SessionModel) -> None:
         """The harness: read, check, export, check, delete."""
         await check_session(self.client, self.model, session, exact=True)
+        session.delete_sent = True
         while True:
             try:
                 status, _ = await self.client.call("DELETE", f"/sessions/{session.sid}")
             except Unknown:
+                session.delete_unknown = True
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
-            if status not in (204, 404):
+            if status == 404 and session.delete_unknown:
+                self.model.counts["explained_delete_404"] += 1
+            elif status != 204:
                 self.model.violate(f"{session.sid}: DELETE answered {status}")
             break
         self.model.deleted.append(session.sid)
@@ -414,6 +420,9 @@ async def check_session(
     except Unknown:
         return
     model.counts["session_checks"] += 1
+    if status == 404 and session.delete_sent:  # its DELETE was in flight at a restart
+        model.counts["explained_get_404"] += 1
+        return
     if status != 200:
         model.violate(f"{session.sid}: GET answered {status}")
         return

@@ -340,6 +340,19 @@ def test_http11_without_host_is_400(server, raw_factory):
     assert raw.response()[0] == 200
 
 
+def test_a_head_over_64_kib_is_400_and_the_connection_ends(server, raw_factory):
+    raw = raw_factory(server.url)
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (k, b"a" * 1000) for k in range(70))
+    raw.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + filler)  # never ends
+    status, _, _ = raw.response()
+    assert status == 400
+    assert raw.closed_by_server()
+    raw = raw_factory(server.url)  # a large head under the limit is served
+    under = b"".join(b"X-Filler-%d: %s\r\n" % (k, b"a" * 1000) for k in range(55))
+    raw.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + under + b"\r\n")
+    assert raw.response()[0] == 200
+
+
 def test_a_transfer_coding_other_than_chunked_is_501(server, raw_factory):
     raw = raw_factory(server.url)
     raw.send(
