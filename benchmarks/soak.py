@@ -424,7 +424,8 @@ async def check_session(
         model.counts["explained_get_404"] += 1
         return
     if status != 200:
-        model.violate(f"{session.sid}: GET answered {status}")
+        where = "a restart check" if checker else "the harness"
+        model.violate(f"{session.sid}: GET by {where} answered {status}")
         return
     records = body["records"]
     contents = [r["response"]["choices"][0]["message"].get("content") for r in records]
