@@ -77,36 +77,29 @@ def fill(server: ManagedProcess, a: argparse.Namespace, turns: int, ids_file: Pa
     }
 
 
-def measure(name: str, backend_url: str, a: argparse.Namespace, env: dict | None) -> dict:
-    work = Path(tempfile.mkdtemp(prefix=f"rollout-sessions-bench-store-{name}-"))
-    port = free_port()
+def fresh_server(backend_url: str, env: dict | None, work: Path) -> ManagedProcess:
     flags = ["--upstream", backend_url, "--log-level", "warning"]
     if env is None:  # this tree: memory only (a tree from before the journal has no flag)
         flags.append("--no-journal")
-    argv = serve_argv(port, *flags)
-    with ManagedProcess(argv, port, env=env, cwd=work) as server:
-        server.wait_healthy(timeout=60)
-        # Warm-up with the longest requests: the transient buffers of a 32-turn
-        # request reach their high-water mark before any RSS is read.
-        a.turns = 32
-        run_loadgen(*load_args(server.url, a, 16, 3600, "--keep", "--sessions", "32"))
-        res: dict[str, Any] = {}
-        for turns in (8, 32):
-            res[str(turns)] = fill(server, a, turns, work / f"ids-{turns}.txt")
-        ids = (work / "ids-32.txt").read_text().split()
-        proc = psutil.Process(server.pid)
-        gets = [("GET", f"/sessions/{sid}", None) for sid in ids for _ in range(a.gets)]
-        cpu0 = cpu_seconds(proc)
-        times = asyncio.run(timed_calls(server.url, gets))
-        res["get_cpu_ms"] = (cpu_seconds(proc) - cpu0) * 1000 / len(gets)
-        res["get_p50_ms"] = statistics.median(times) * 1000
-        if name == "store":
-            exports = [("POST", f"/sessions/{sid}/samples", {}) for sid in ids]
-            cpu0 = cpu_seconds(proc)
-            times = asyncio.run(timed_calls(server.url, exports))
-            res["export_cpu_ms"] = (cpu_seconds(proc) - cpu0) * 1000 / len(exports)
-            res["export_p50_ms"] = statistics.median(times) * 1000
-            res["export_tokens"] = asyncio.run(sample_length(server.url, ids[0]))
+    port = free_port()
+    server = ManagedProcess(serve_argv(port, *flags), port, env=env, cwd=work)
+    server.wait_healthy(timeout=60)
+    return server
+
+
+def measure(name: str, backend_url: str, a: argparse.Namespace, env: dict | None) -> dict:
+    """Per session length, a fresh server: a warm-up of 32 sessions of that length
+    (its transient buffers reach their high-water mark), then the kept sessions."""
+    work = Path(tempfile.mkdtemp(prefix=f"rollout-sessions-bench-store-{name}-"))
+    res: dict[str, Any] = {}
+    for turns in (8, 32):
+        with fresh_server(backend_url, env, work) as server:
+            a.turns = turns
+            run_loadgen(*load_args(server.url, a, 16, 3600, "--keep", "--sessions", "32"))
+            ids_file = work / f"ids-{turns}.txt"
+            res[str(turns)] = fill(server, a, turns, ids_file)
+            if turns == 32:
+                res.update(read_costs(name, server, ids_file.read_text().split(), a))
     print(
         f"{name:8} 8 turns {res['8']['bytes_per_session'] / 1024:6.0f} KiB/session, "
         f"32 turns {res['32']['bytes_per_session'] / 1024:6.0f} KiB/session; chat CPU "
@@ -120,6 +113,27 @@ def measure(name: str, backend_url: str, a: argparse.Namespace, env: dict | None
         )
     )
     return res
+
+
+def read_costs(
+    name: str, server: ManagedProcess, ids: list[str], a: argparse.Namespace
+) -> dict[str, Any]:
+    """Server CPU per GET of each session, and (this tree) per samples export."""
+    proc = psutil.Process(server.pid)
+    out: dict[str, Any] = {}
+    gets = [("GET", f"/sessions/{sid}", None) for sid in ids for _ in range(a.gets)]
+    cpu0 = cpu_seconds(proc)
+    times = asyncio.run(timed_calls(server.url, gets))
+    out["get_cpu_ms"] = (cpu_seconds(proc) - cpu0) * 1000 / len(gets)
+    out["get_p50_ms"] = statistics.median(times) * 1000
+    if name == "store":
+        exports = [("POST", f"/sessions/{sid}/samples", {}) for sid in ids]
+        cpu0 = cpu_seconds(proc)
+        times = asyncio.run(timed_calls(server.url, exports))
+        out["export_cpu_ms"] = (cpu_seconds(proc) - cpu0) * 1000 / len(exports)
+        out["export_p50_ms"] = statistics.median(times) * 1000
+        out["export_tokens"] = asyncio.run(sample_length(server.url, ids[0]))
+    return out
 
 
 async def sample_length(url: str, sid: str) -> int:
