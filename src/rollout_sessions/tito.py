@@ -110,6 +110,9 @@ class Tito:
         self.rule = rule
         self.template_kwargs = dict(template_kwargs or {})
         self.max_trim_tokens = MAX_TRIM_TOKENS.get(rule.name, 0)
+        # A fast tokenizer's Rust core, called directly: transformers' own
+        # encode wraps the same call in ~0.2 ms of Python per turn.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._special = {token: self._single_id(token) for token in rule.tokens}
 
     @classmethod
@@ -175,7 +178,11 @@ class Tito:
             raise errors.template_failed(str(exc)) from None
 
     def encode(self, text: str) -> array:
-        return array(TOKEN_TYPECODE, self.tokenizer.encode(text, add_special_tokens=False))
+        if self._backend is not None:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return array(TOKEN_TYPECODE, ids)
 
     # -- the two cases of a turn -------------------------------------------------
 

@@ -177,3 +177,19 @@ def test_template_kwargs_reach_the_render(tokenizers):
     off = tito.tokenizer.decode(tito.first_turn(messages, None).tolist())
     on = tito.tokenizer.decode(tito.first_turn(messages, None, {"enable_thinking": True}).tolist())
     assert off != on and "<think>" in off
+
+
+@pytest.mark.parametrize("key", [("qwen3", "append_only"), ("glm47", "append_only")])
+def test_encode_through_the_rust_core_matches_transformers(tokenizers, key):
+    # Tito.encode skips transformers' wrapper; the ids must not change.
+    tito = Tito.load(str(tokenizers[key]), key[0])
+    texts = [
+        "plain words, t1 t22 t333 and 4096 digits",
+        "<|im_start|>tool\n<think>x</think> <|im_end|>\n<|im_start|>assistant\n",
+        "<|observation|><|user|>\n  leading spaces\tand tabs\n\n",
+        "",
+    ]
+    for text in texts:
+        expected = tito.tokenizer.encode(text, add_special_tokens=False)
+        assert tito.encode(text).tolist() == expected
+    assert tito._backend is not None
