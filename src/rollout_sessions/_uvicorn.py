@@ -17,11 +17,14 @@ frames HTTP:
   closed at once, so clients can never take the file descriptors the
   upstream pool and the journal need;
 - ``Expect: 100-continue`` from an HTTP/1.0 client is not answered with an
-  interim ``100 Continue`` (HTTP/1.0 has no such thing).
+  interim ``100 Continue`` (HTTP/1.0 has no such thing);
+- the 400 uvicorn answers to a request it cannot parse carries the JSON
+  error body every other error has, not uvicorn's plain text.
 
 uvicorn names used: ``HttpToolsProtocol`` and its ``connections``,
 ``parser``, ``transport``, ``cycle`` (``response_complete``),
-``expect_100_continue``, ``send_400_response`` and the parser callbacks.
+``expect_100_continue``, ``send_400_response``, ``server_state.default_headers``,
+``STATUS_LINE`` and the parser callbacks.
 uvicorn is pinned below 1.
 """
 
@@ -30,7 +33,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from rollout_sessions import errors
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -71,7 +77,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._arm_head_timer()
         if self._head_bytes > MAX_HEAD_BYTES:
             self._cancel_head_timer()
-            self.send_400_response("Request head too large.")
+            self.send_400_response(f"request head larger than {MAX_HEAD_BYTES} bytes")
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to an unparseable request, as ``{"error": ...}``.
+
+        The same answer uvicorn writes (its status line, its default headers,
+        then close), with a JSON body.
+        """
+        error = errors.malformed_request(msg.rstrip("."))
+        body = orjson.dumps({"error": error.message})
+        head = [STATUS_LINE[error.status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -15,12 +15,18 @@ The split lock:
    answer 502 naming them (``answer.parse_answer``);
 4. under the lock again, briefly: if the session is closing or another turn
    was recorded meanwhile, answer without recording; else check the stored
-   checkpoint is a prefix of the new token ids (500 if not) and record.
+   checkpoint is a prefix of the new token ids (500 if not; with TITO it is
+   the ``input_ids`` sent, and an answer whose prompt differs was already a
+   502 after step 3) and record.
 
-No ``await`` happens while the lock is held, so a DELETE never waits for an
-upstream call. ``stream: true`` is served from the complete upstream answer
-(the backend is always called without streaming: the trajectory needs the
-whole answer and its token ids) as a short, valid SSE stream. Routing-replay
+The upstream call is never made under the lock, so a DELETE never waits
+for one; with the journal on, step 4 awaits the turn's commit under the
+lock (a DELETE may wait for that, never longer: the record is durable
+before the answer, and the delete is ordered after it).
+
+``stream: true`` is served from the complete upstream answer (the backend
+is always called without streaming: the trajectory needs the whole answer
+and its token ids) as a short, valid SSE stream. Routing-replay
 payloads (``meta_info.routed_experts``, ``meta_info.indexer_topk``) stay in
 the record and are removed from the client's answer.
 """

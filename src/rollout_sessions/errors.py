@@ -55,6 +55,11 @@ def unauthorized() -> ApiError:
     return ApiError(401, "unauthorized")
 
 
+def malformed_request(detail: str) -> ApiError:
+    """A request the HTTP server cannot parse (answered before any handler)."""
+    return ApiError(400, f"malformed HTTP request: {detail}")
+
+
 def missing_host() -> ApiError:
     return ApiError(400, "malformed HTTP request: an HTTP/1.1 request needs a Host header")
 

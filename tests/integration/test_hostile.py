@@ -344,13 +344,27 @@ def test_a_head_over_64_kib_is_400_and_the_connection_ends(server, raw_factory):
     raw = raw_factory(server.url)
     filler = b"".join(b"X-Filler-%d: %s\r\n" % (k, b"a" * 1000) for k in range(70))
     raw.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + filler)  # never ends
-    status, _, _ = raw.response()
+    status, headers, body = raw.response()
     assert status == 400
+    assert headers[b"content-type"] == b"application/json"
+    assert json.loads(body) == {
+        "error": "malformed HTTP request: request head larger than 65536 bytes"
+    }
     assert raw.closed_by_server()
     raw = raw_factory(server.url)  # a large head under the limit is served
     under = b"".join(b"X-Filler-%d: %s\r\n" % (k, b"a" * 1000) for k in range(55))
     raw.send(b"GET /health HTTP/1.1\r\nHost: t\r\n" + under + b"\r\n")
     assert raw.response()[0] == 200
+
+
+def test_an_unparseable_request_is_a_json_400_and_the_connection_ends(server, raw_factory):
+    raw = raw_factory(server.url)
+    raw.send(b"GET /health HTTP/1.1\r\nHost: t\r\nBad Header Name: x\r\n\r\n")
+    status, headers, body = raw.response()
+    assert status == 400
+    assert headers[b"content-type"] == b"application/json"
+    assert json.loads(body)["error"].startswith("malformed HTTP request: ")
+    assert raw.closed_by_server()
 
 
 def test_a_transfer_coding_other_than_chunked_is_501(server, raw_factory):

@@ -103,6 +103,11 @@ def test_tool_calls_and_reasoning_are_accepted():
         (answer(prompt_token_ids=[1, -(2**40)]), "token id out of range: -1099511627776"),
         (answer(prompt_token_ids=[1, None]), "non-integer token id: None"),
         (answer(prompt_token_ids=[1, 2.0]), "non-integer token id: 2.0"),
+        (answer(prompt_token_ids=[1, True]), "prompt_token_ids holds a non-integer token id: True"),
+        (
+            answer(prompt_token_ids=[False, 7]),
+            "prompt_token_ids holds a non-integer token id: False",
+        ),
     ],
 )
 def test_malformed_answers_are_502_naming_the_defect(raw: Any, needle: str):
@@ -134,3 +139,9 @@ def test_sse_is_one_chunk_then_done():
     assert choice["delta"]["role"] == "assistant"
     assert chunk["usage"]["total_tokens"] == 4
     assert "meta_info" not in chunk
+
+
+def test_a_boolean_elsewhere_in_the_answer_does_not_refuse_integer_prompt_ids():
+    message = {"role": "assistant", "content": "true or false"}
+    parsed = parse_answer(orjson.dumps(answer(message=message, logprobs=False)))
+    assert parsed.prompt_ids == array("i", [1, 2])
