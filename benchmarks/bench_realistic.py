@@ -118,15 +118,22 @@ def throughput(servers: dict[str, tuple[psutil.Process, str]], a: argparse.Names
     return out
 
 
+MEMORY_CLIENTS = 32
+
+
 def memory(name: str, argv: Any, a: argparse.Namespace) -> dict[str, Any]:
     """RSS per kept session on a fresh server."""
     with started_process(name, argv) as server:
         proc = psutil.Process(server.pid)
         url = server.url
-        run_loadgen(*load_args(url, a, 16, 600, "--keep", "--sessions", "32"))  # warm-up
+        # Warm-up at the measured concurrency: the turns in flight hold transient
+        # buffers whose high-water mark RSS keeps; it must not be counted as the
+        # kept sessions' cost.
+        run_loadgen(*load_args(url, a, MEMORY_CLIENTS, 600, "--keep", "--sessions", "64"))
         time.sleep(1.0)
         before = rss_bytes(proc)
-        out = run_loadgen(*load_args(url, a, 32, 600, "--keep", "--sessions", str(a.keep_sessions)))
+        kept = ("--keep", "--sessions", str(a.keep_sessions))
+        out = run_loadgen(*load_args(url, a, MEMORY_CLIENTS, 600, *kept))
         time.sleep(1.0)
         after = rss_bytes(proc)
     sessions = max(1, out["units"] // a.turns)
