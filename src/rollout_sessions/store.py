@@ -35,13 +35,11 @@ import numpy as np
 import orjson
 import zstandard
 
-from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
+from rollout_sessions.answer import LOGPROB_TYPECODE, PROMPT_KEY, TOKEN_TYPECODE
 
 _ZSTD_LEVEL = 1  # the fastest level: answers are JSON and shrink well even so
 _compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
-
-PROMPT_KEY = b'"prompt_token_ids":'
 
 
 def ids_json(ids: array) -> bytes:

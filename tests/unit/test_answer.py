@@ -145,3 +145,23 @@ def test_a_boolean_elsewhere_in_the_answer_does_not_refuse_integer_prompt_ids():
     message = {"role": "assistant", "content": "true or false"}
     parsed = parse_answer(orjson.dumps(answer(message=message, logprobs=False)))
     assert parsed.prompt_ids == array("i", [1, 2])
+
+
+def test_booleans_in_prompt_ids_are_found_however_the_json_is_written():
+    spaced = orjson.dumps(answer()).replace(
+        b'"prompt_token_ids":[1,2]', b'"prompt_token_ids": [1, true]'
+    )
+    duplicate = orjson.dumps(answer()).replace(
+        b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,2],"prompt_token_ids":[true,5]'
+    )
+    for raw in (spaced, duplicate):
+        with pytest.raises(ApiError) as err:
+            parse_answer(raw)
+        assert err.value.status == 502
+        assert "prompt_token_ids holds a non-integer token id: True" in err.value.message
+
+
+def test_a_prompt_key_quoted_inside_a_string_is_not_the_prompt():
+    message = {"role": "assistant", "content": '"prompt_token_ids":[true]'}
+    parsed = parse_answer(orjson.dumps(answer(message=message)))
+    assert parsed.prompt_ids == array("i", [1, 2])
