@@ -61,7 +61,7 @@ def malformed_request(detail: str) -> ApiError:
 
 
 def missing_host() -> ApiError:
-    return ApiError(400, "malformed HTTP request: an HTTP/1.1 request needs a Host header")
+    return malformed_request("an HTTP/1.1 request needs a Host header")
 
 
 def unsupported_transfer_encoding(value: str) -> ApiError:
