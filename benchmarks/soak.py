@@ -36,7 +36,7 @@ the harness reads it):
   logprobs per turn, the whole token list);
 - resident memory and open file descriptors are flat after warm-up: over the
   last 80% of the run (less the first seconds after each restart), their
-  least-squares trend moves them by at most +-5% (``flatness``);
+  least-squares trend moves them by at most +-5% (``flatness``, ``--flat-band``);
 - no 500 except the backend's own, injected.
 
     .venv/bin/python benchmarks/soak.py --duration 600 --plot benchmarks/results/soak.png
@@ -86,7 +86,7 @@ UPSTREAM_TIMEOUT_S = 1.5
 RETRY_PAUSE_S = 1.0  # longer than any answer a disconnected client left behind
 RESTART_WARMUP_S = 8.0
 SAMPLE_EVERY_S = 0.25
-FLAT_BAND = 0.05
+FLAT_BAND = 0.05  # the default; --flat-band
 WORDS = [f"w{i:03d}" for i in range(1000)]
 
 
@@ -536,12 +536,16 @@ async def sampler(
 
 
 def flatness(
-    samples: list[dict[str, float]], restarts: list[dict[str, float]], duration: float, key: str
+    samples: list[dict[str, float]],
+    restarts: list[dict[str, float]],
+    duration: float,
+    key: str,
+    band: float = FLAT_BAND,
 ) -> dict[str, Any]:
     """Is the level flat over the last 80% of the run (minus each restart's warm-up)?
 
     Flat: the least-squares trend through the kept samples moves the level by
-    at most +-5% of their median from the first kept sample to the last. A
+    at most +-``band`` (5%) of their median from the first kept sample to the last. A
     leak is a trend; the jitter of a level that follows the load (sockets
     opening and closing with the requests in flight) averages out. The raw
     range is reported too.
@@ -561,7 +565,7 @@ def flatness(
     slope = statistics.linear_regression(times, values).slope
     drift = slope * (times[-1] - times[0]) / mid
     return {
-        "ok": abs(drift) <= FLAT_BAND,
+        "ok": abs(drift) <= band,
         "samples": len(kept),
         "median": mid,
         "drift": drift,
@@ -609,8 +613,8 @@ async def soak(a: argparse.Namespace, target: Target) -> dict[str, Any]:
         "restarts": restarts,
         "counts": dict(model.counts),
         "injected_500s": internal,
-        "rss": flatness(samples, restarts, a.duration, "rss"),
-        "fds": flatness(samples, restarts, a.duration, "fds"),
+        "rss": flatness(samples, restarts, a.duration, "rss", a.flat_band),
+        "fds": flatness(samples, restarts, a.duration, "fds", a.flat_band),
         "violations": model.violations,
         "samples": samples,
     }
@@ -720,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
         "--no-journal", dest="journal", action="store_false", help="memory only (no kills)"
     )
     p.add_argument("--min-faults", type=int, default=0, help="fail if a fault class got fewer")
+    p.add_argument(
+        "--flat-band",
+        type=float,
+        default=FLAT_BAND,
+        help="how far RSS and fds may trend over the window, as a share of their median",
+    )
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/soak.json"))
     p.add_argument("--plot", type=Path, help="a PNG of RSS, fds and turns/s over time")
     a = p.parse_args(argv)
