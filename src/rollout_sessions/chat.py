@@ -12,7 +12,9 @@ The split lock:
 3. without any lock: with token-in, token-out on, build ``input_ids``
    (``tito``); then the upstream call. Non-200 answers pass through
    unrecorded, transport failures are 502, timeouts 504, defects of the
-   answer 502 naming them (``answer.parse_answer``);
+   answer 502 naming them (``answer.parse_answer``; an answer nested too
+   deep to be written again too: what the store and the client get is
+   made here, ``_checked``);
 4. under the lock again, briefly: if the session is closing or another turn
    was recorded meanwhile, answer without recording; else check the stored
    checkpoint is a prefix of the new token ids (500 if not; with TITO it is
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -186,15 +189,13 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
     if answer.status != 200:
         state.metrics.chat_turns.inc("upstream_status")
         return passthrough(answer)
-    parsed = _parsed(state, answer.body, input_ids)
+    checked = _checked(state, turn, answer.body, input_ids)
     async with lock:
-        outcome = await _record(
-            state, session_id, session, plan, turn, parsed, answer.body, input_ids, base
-        )
+        outcome = await _record(state, session_id, session, plan, turn, checked, input_ids, base)
     state.metrics.chat_turns.inc(outcome)
     if outcome == "checkpoint_mismatch":
-        raise errors.checkpoint_mismatch(*_mismatch(base, parsed))  # type: ignore[arg-type]
-    return _client_answer(turn, parsed, answer.body)
+        raise errors.checkpoint_mismatch(*_mismatch(base, checked.parsed))  # type: ignore[arg-type]
+    return checked.client
 
 
 def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
@@ -215,8 +216,24 @@ async def _ask_upstream(
         raise
 
 
-def _parsed(state: AppState, raw: bytes, input_ids: array | None) -> ParsedAnswer:
-    """The validated answer; with TITO, its prompt must be the ``input_ids`` sent."""
+@dataclass(frozen=True, slots=True)
+class CheckedAnswer:
+    """An upstream answer, validated, with everything written again from it."""
+
+    parsed: ParsedAnswer
+    answer: bytes  # for the store: the answer without its prompt ids value
+    cut: int  # where that value goes back
+    assistant: bytes  # the generated message, as the store keeps messages
+    client: Response  # what the client gets (routing-replay payloads removed)
+
+
+def _checked(
+    state: AppState, turn: ChatRequest, raw: bytes, input_ids: array | None
+) -> CheckedAnswer:
+    """Step 3's end, before any lock: the answer validated, and with TITO its
+    prompt the ``input_ids`` sent; then what the store and the client need,
+    so an answer that cannot be written again (nested deeper than orjson
+    writes) is a 502 here, never after the turn is recorded."""
     try:
         parsed = parse_answer(raw)
         if input_ids is not None and parsed.prompt_ids != input_ids:
@@ -225,10 +242,16 @@ def _parsed(state: AppState, raw: bytes, input_ids: array | None) -> ParsedAnswe
                 len(parsed.prompt_ids),
                 _first_difference(input_ids, parsed.prompt_ids),
             )
+        try:
+            answer, cut = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
+            assistant = orjson.dumps(parsed.message)
+            client = _client_answer(turn, parsed, raw)
+        except orjson.JSONEncodeError as exc:
+            raise errors.upstream_malformed(f"the answer cannot be written again ({exc})") from None
     except ApiError:
         state.metrics.upstream_errors.inc("malformed")
         raise
-    return parsed
+    return CheckedAnswer(parsed, answer, cut, assistant, client)
 
 
 def _first_difference(a: array, b: array) -> int:
@@ -248,8 +271,7 @@ async def _record(
     session: Session,
     plan: Plan,
     turn: ChatRequest,
-    parsed: ParsedAnswer,
-    raw: bytes,
+    checked: CheckedAnswer,
     input_ids: array | None,
     base: array | None,
 ) -> str:
@@ -262,21 +284,21 @@ async def _record(
         return "stale"  # a concurrent turn of this session won
     # With TITO the prompt was built on the checkpoint and the upstream echoed
     # it: the prefix holds by construction.
+    parsed = checked.parsed
     if base is not None and input_ids is None and not is_prefix(base, parsed):
         return "checkpoint_mismatch"
-    answer, cut = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
     write = traj.prepare(
         keep=plan.keep,
         exact=plan.exact,
         message_bytes=turn.message_bytes,
-        assistant=orjson.dumps(parsed.message),
+        assistant=checked.assistant,
         rest=turn.rest,
         with_input_ids=input_ids is not None,
         prompt=parsed.prompt_ids,
         completion=parsed.completion_ids,
         logprobs=parsed.logprobs,
-        answer=answer,
-        cut=cut,
+        answer=checked.answer,
+        cut=checked.cut,
         timestamps=(time.time(), turn.arrived),
     )
     journal = state.journal
@@ -297,14 +319,26 @@ def is_prefix(base: array, parsed: ParsedAnswer) -> bool:
 
 
 def _client_answer(turn: ChatRequest, parsed: ParsedAnswer, raw: bytes) -> Response:
-    response = parsed.response
-    stripped = False
-    for choice in response.get("choices") or ():
-        meta = choice.get("meta_info") if type(choice) is dict else None
-        if type(meta) is dict:
-            for key in REPLAY_KEYS:
-                if meta.pop(key, None) is not None:
-                    stripped = True
+    response = _without_replay(parsed.response)
     if turn.stream:
         return Response(200, list(_SSE_HEADERS), Content(SSE_TYPE, sse_body(response)))
-    return Response(200, None, Content(JSON_TYPE, orjson.dumps(response) if stripped else raw))
+    body = raw if response is parsed.response else orjson.dumps(response)
+    return Response(200, None, Content(JSON_TYPE, body))
+
+
+def _without_replay(response: dict[str, Any]) -> dict[str, Any]:
+    """The answer without routing-replay payloads (``REPLAY_KEYS`` in a choice's
+    ``meta_info``): a copy where there are any, ``response`` itself otherwise;
+    the record keeps them."""
+    choices = response["choices"]
+    kept = None
+    for i, choice in enumerate(choices):
+        meta = choice.get("meta_info") if type(choice) is dict else None
+        if type(meta) is dict and any(key in meta for key in REPLAY_KEYS):
+            if kept is None:
+                kept = list(choices)
+            kept[i] = {
+                **choice,
+                "meta_info": {k: v for k, v in meta.items() if k not in REPLAY_KEYS},
+            }
+    return response if kept is None else {**response, "choices": kept}

@@ -15,6 +15,7 @@ their content names the last message, so a test can tell whose answer it is.
 - ``"redirect"``: ``302`` to ``/elsewhere`` (which answers 200 and counts
   its visits);
 - ``"json"``: the chat answer is ``custom`` (a dict) as given;
+- ``"raw"``: the chat answer is ``custom`` (bytes) as given;
 - ``"huge"``: a 200 answer declared (and sent) larger than ``huge_bytes``.
 """
 
@@ -32,7 +33,7 @@ from rollout_sessions.echo.template import completion_tokens, prompt_tokens
 class FakeUpstream:
     def __init__(self) -> None:
         self.mode = "normal"
-        self.custom: dict[str, Any] | None = None
+        self.custom: Any = None  # a dict ("json") or bytes ("raw")
         self.huge_bytes = 0
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.elsewhere_visits = 0
@@ -107,6 +108,9 @@ class FakeUpstream:
             return
         if mode == "json":
             writer.write(_response(200, orjson.dumps(self.custom)))
+            return
+        if mode == "raw":  # bytes as given (orjson cannot write everything a backend can)
+            writer.write(_response(200, self.custom))
             return
         request = orjson.loads(body) if body else {}
         answer = _response(200, orjson.dumps(chat_answer(request)))

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 import requests
 from conftest import ServerProc, serve
@@ -301,6 +302,36 @@ def test_defective_answers_are_502_and_unrecorded(server_factory, fake, mutate, 
     assert resp.status_code == 502
     assert needle in resp.json()["error"]
     assert srv.get(f"/sessions/{sid}").json()["records"] == []
+
+
+DEEP = b"[" * 300 + b"]" * 300  # orjson reads it, but writes at most 254 levels
+
+
+def _deep_answer(where: str) -> bytes:
+    answer = good_answer()
+    if where == "replay":  # the client's copy must be written without routed_experts
+        answer["choices"][0]["meta_info"]["routed_experts"] = [[1, 2]]
+        answer["choices"][0]["x"] = "DEEP"
+    elif where == "spaced":  # not compact: the stored copy must be written again
+        answer["choices"][0]["x"] = "DEEP"
+    else:  # inside the generated message, which the store writes again
+        call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "DEEP"}}
+        answer["choices"][0]["message"]["tool_calls"] = [call]
+    raw = orjson.dumps(answer, option=orjson.OPT_INDENT_2 if where == "spaced" else 0)
+    return raw.replace(b'"DEEP"', DEEP)
+
+
+@pytest.mark.parametrize("where", ["replay", "spaced", "message"])
+def test_an_answer_too_deep_to_write_again_is_502_and_unrecorded(server_factory, fake, where):
+    fake.mode, fake.custom = "raw", _deep_answer(where)
+    srv = server_factory("--upstream", fake.url)
+    sid = srv.post("/sessions").json()["session_id"]
+    resp = chat(srv, sid, MSG)
+    assert resp.status_code == 502
+    assert resp.json()["error"].startswith("malformed backend answer: the answer cannot be written")
+    assert srv.get(f"/sessions/{sid}").json()["records"] == []
+    fake.mode = "normal"  # the session goes on
+    assert chat(srv, sid, MSG).status_code == 200
 
 
 def test_an_answer_over_the_size_limit_is_502(server_factory, fake):
