@@ -24,7 +24,7 @@ from rollout_sessions.openapi import ID_PARAM, PATH_PARAM, document
 from rollout_sessions.registry import validate_id
 from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
 from rollout_sessions.upstream import HOP_BY_HOP, Answer
-from rollout_sessions.web import endpoint, id_checked, query_string, read_body
+from rollout_sessions.web import endpoint, head_answer, id_checked, query_string, read_body
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
@@ -124,6 +124,10 @@ async def forward(state: AppState, raw_subpath: str, request: Request) -> Respon
         state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
     length = _declared_length(head)
+    if request.method == "HEAD" and 200 <= head.status and head.status not in (204, 304):
+        await _drain(chunks)
+        content_type, headers_out = _answer_headers(head)
+        return head_answer(head.status, headers_out, content_type, length)
     if head.status in (204, 304) or head.status < 200 or request.method == "HEAD":
         await _drain(chunks)
         return passthrough(head)

@@ -13,7 +13,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-from blacksheep import Content, Request, Response
+from blacksheep import Content, Request, Response, StreamedContent
 from blacksheep.exceptions import MessageAborted
 
 from rollout_sessions import errors
@@ -68,10 +68,47 @@ class Guard:
             if err is not None:
                 return error_response(err)
             result = handler(request)
-            return await result if inspect.isawaitable(result) else result
+            response = await result if inspect.isawaitable(result) else result
+            return as_head(response) if request.method == "HEAD" else response
 
         guarded.__annotations__ = {"request": Request, "return": Response}
         return guarded
+
+
+async def _no_body() -> Any:
+    return
+    yield  # an async generator that yields nothing
+
+
+def head_answer(
+    status: int, headers: list[tuple[bytes, bytes]], content_type: bytes, length: int | None
+) -> Response:
+    """A ``HEAD`` answer: GET's status and headers, with the ``content-length``
+    GET would send (``None``: GET's is chunked), and no body.
+
+    BlackSheep writes the framing headers from a response's content, so the
+    length rides on an empty streamed content of that declared length; the
+    HTTP server sends no body for ``HEAD``.
+    """
+    content = StreamedContent(content_type, _no_body, -1 if length is None else length)
+    return Response(status, headers, content)
+
+
+def as_head(response: Response) -> Response:
+    """A handler's own ``HEAD`` answer (framing given as headers, no content),
+    in ``head_answer``'s form, so the length is sent once and is GET's."""
+    if response.content is not None or response.status in (204, 304):
+        return response
+    declared = response.get_first_header(b"content-length")
+    if declared is None or not declared.isdigit():
+        return response
+    content_type = response.get_first_header(b"content-type") or b"application/octet-stream"
+    headers = [
+        (name, value)
+        for name, value in response.headers.items()
+        if name.lower() not in (b"content-length", b"content-type")
+    ]
+    return head_answer(response.status, headers, content_type, int(declared))
 
 
 def endpoint(

@@ -360,6 +360,27 @@ def test_head_answers_wherever_get_does(server, raw_factory):
     assert raw.response()[0] == 200
 
 
+def test_head_sends_the_length_get_sends_once_and_no_body(server):
+    sid = server.post("/sessions").json()["session_id"]
+    host, port = server.url.removeprefix("http://").split(":")
+    for path in ("/openapi.json", "/health", f"/sessions/{sid}", "/sessions/p/v1/models"):
+        length = len(server.get(path).content)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lengths = [
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        ]
+        assert head.startswith(b"HTTP/1.1 200"), path
+        assert lengths == [str(length).encode()], (path, lengths)
+        assert body == b"", path
+
+
 def test_http11_without_host_is_400(server, raw_factory):
     raw = raw_factory(server.url)
     raw.send(b"GET /health HTTP/1.1\r\n\r\n")
