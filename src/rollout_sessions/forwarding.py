@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from rollout_sessions.state import AppState
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+_QUERY_OR_FRAGMENT = re.compile(r"[?#]")
 # The answer's own server and date would duplicate those our server sends.
 _NOT_PASSED_BACK = frozenset(h.encode() for h in HOP_BY_HOP) | {b"server", b"date"}
 # Answers up to this size are read whole and sent with their length; longer
@@ -159,8 +160,16 @@ async def _drain(chunks: AsyncIterator[bytes]) -> None:
 
 
 def is_chat_subpath(raw: str) -> bool:
-    """Whether a sub-path, as sent or after any round of percent-decoding, is the chat route."""
-    return any(current.rstrip("/") == CHAT_SUBPATH for current in decodings(raw))
+    """Whether a sub-path is the chat route in a form a backend may read as it:
+    as sent or after any round of percent-decoding, with a trailing slash,
+    ``;parameters`` on a segment, or a ``?``/``#`` that decoding revealed."""
+    return any(_names_chat(current) for current in decodings(raw))
+
+
+def _names_chat(path: str) -> bool:
+    path = _QUERY_OR_FRAGMENT.split(path, maxsplit=1)[0]
+    segments = [segment.split(";", 1)[0] for segment in path.split("/")]
+    return "/".join(segments).rstrip("/") == CHAT_SUBPATH
 
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")

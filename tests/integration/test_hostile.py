@@ -239,7 +239,16 @@ def test_wrong_types_are_400_and_create_nothing(server, body):
 
 
 @pytest.mark.parametrize(
-    "path", ["v1/chat/%63ompletions", "v1%2Fchat%2Fcompletions", "v1/chat/completions/"]
+    "path",
+    [
+        "v1/chat/%63ompletions",
+        "v1%2Fchat%2Fcompletions",
+        "v1/chat/completions/",
+        "v1/chat/completions;x",  # path parameters some servers drop
+        "v1;a/chat/completions",
+        "v1/chat/completions%3Fa=1",  # a query that decoding reveals
+        "v1/chat/completions%23frag",
+    ],
 )
 def test_an_encoded_chat_path_is_the_chat_route(srv, echo, path):
     sid = srv.post("/sessions").json()["session_id"]
