@@ -2,8 +2,8 @@
 
 ``parse_answer`` checks every part the trajectory depends on and names the
 first defect (an ``ApiError`` 502): ``choices[0].message`` with a string
-``content``, ``tool_calls`` absent or a list of objects, ``reasoning_content``
-absent or a string, ``choices[0].prompt_token_ids`` a list of token ids,
+``content``, ``role`` and ``reasoning_content`` absent or strings, ``tool_calls``
+absent or a list of objects, ``choices[0].prompt_token_ids`` a list of token ids,
 ``choices[0].meta_info.output_token_logprobs`` a list of
 ``[logprob, token_id, ...]`` with ``completion_tokens`` equal to its length.
 A token id is an integer in ``[0, 2**31)``; a logprob is a number. Token
@@ -78,6 +78,9 @@ def _message(choice: dict[str, Any]) -> dict[str, Any]:
         raise errors.upstream_malformed(
             f"choices[0].message.content is not a string: {type(content).__name__}"
         )
+    role = message.get("role")
+    if role is not None and type(role) is not str:  # the client sends it back as a request role
+        raise errors.upstream_malformed("choices[0].message.role is not a string")
     reasoning = message.get("reasoning_content")
     if reasoning is not None and type(reasoning) is not str:
         raise errors.upstream_malformed("choices[0].message.reasoning_content is not a string")

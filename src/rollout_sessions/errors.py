@@ -64,6 +64,10 @@ def missing_host() -> ApiError:
     return malformed_request("an HTTP/1.1 request needs a Host header")
 
 
+def duplicate_host() -> ApiError:
+    return malformed_request("more than one Host header")
+
+
 def unsupported_transfer_encoding(value: str) -> ApiError:
     return ApiError(501, f"unsupported transfer-encoding: {value} (only chunked is accepted)")
 

@@ -142,6 +142,10 @@ def serve(settings: Settings) -> int:
         )
     for name in unknown_env_vars():
         log.warning("ignoring unknown setting %s (see rollout-sessions serve --help)", name)
+    if settings.api_key is None:
+        log.info("no API_KEY: every route is open to any client that can connect")
+    else:
+        log.info("API_KEY set: every route but /health needs 'Authorization: Bearer <key>'")
     try:
         app = create_app(settings, echo_port=echo_port)
     except JournalError as exc:

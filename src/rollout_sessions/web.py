@@ -35,28 +35,34 @@ _CLOSE_AFTER = frozenset({408, 413})
 class Guard:
     """What every request must pass before its route runs.
 
-    - an HTTP/1.1 request without ``Host`` is 400 (RFC 9112, 3.2);
+    - an HTTP/1.1 request without ``Host``, or any request with two, is 400
+      (RFC 9112, 3.2);
     - a transfer coding other than ``chunked`` is 501: the body would be
       coded in a way the server does not decode;
     - with ``API_KEY`` set, every route but the public ones (``/health``)
-      needs ``Authorization: Bearer <key>``, compared in constant time; else 401.
+      needs ``Authorization: Bearer <key>`` (the scheme in any case, RFC 9110,
+      11.1), the key compared in constant time; else 401.
     """
 
     __slots__ = ("_expected",)
 
     def __init__(self, api_key: str | None) -> None:
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._expected = api_key.encode() if api_key else None
 
     def refuse(self, request: Request, public: bool = False) -> ApiError | None:
-        if request.get_first_header(b"host") is None and request.scope.get("http_version") != "1.0":
+        hosts = request.get_headers(b"host")
+        if len(hosts) > 1:
+            return errors.duplicate_host()
+        if not hosts and request.scope.get("http_version") != "1.0":
             return errors.missing_host()
         coding = request.get_first_header(b"transfer-encoding")
         if coding is not None and coding.strip().lower() != b"chunked":
             return errors.unsupported_transfer_encoding(coding.decode("latin-1"))
         expected = self._expected
         if expected is not None and not public:
-            given = request.get_first_header(b"authorization") or b""
-            if not hmac.compare_digest(given, expected):
+            scheme, _, key = (request.get_first_header(b"authorization") or b"").partition(b" ")
+            key = key.lstrip(b" ")
+            if not (hmac.compare_digest(key, expected) and scheme.lower() == b"bearer"):
                 return errors.unauthorized()
         return None
 

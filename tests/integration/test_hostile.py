@@ -390,6 +390,14 @@ def test_head_sends_the_length_get_sends_once_and_no_body(server):
         assert body == b"", path
 
 
+def test_two_host_headers_are_400(server, raw_factory):
+    raw = raw_factory(server.url)
+    raw.send(b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    status, _, body = raw.response()
+    assert status == 400
+    assert json.loads(body) == {"error": "malformed HTTP request: more than one Host header"}
+
+
 def test_http11_without_host_is_400(server, raw_factory):
     raw = raw_factory(server.url)
     raw.send(b"GET /health HTTP/1.1\r\n\r\n")
@@ -481,13 +489,23 @@ def test_api_key_guards_every_route_but_health(server_factory, echo):
         ("GET", "/nowhere"),
         ("GET", "/sessions/x/v1/models"),
     ):
-        for auth in (None, "Bearer wrong", "s3cret", "Bearer s3cre"):
+        for auth in (
+            None,
+            "Bearer wrong",
+            "s3cret",
+            "Bearer s3cre",
+            "Basic s3cret",
+            "Bearers3cret",
+        ):
             headers = {"Authorization": auth} if auth else {}
             resp = srv.request(method, path, headers=headers)
             assert resp.status_code == 401, (method, path, auth)
             assert resp.json() == {"error": "unauthorized"}
     good = {"Authorization": "Bearer s3cret"}
     assert srv.post("/sessions", headers=good).status_code == 200
+    for scheme in ("bearer", "BEARER"):  # an auth scheme is case-insensitive (RFC 9110, 11.1)
+        resp = srv.post("/sessions", headers={"Authorization": f"{scheme} s3cret"})
+        assert resp.status_code == 200
     seen = srv.get("/sessions/x/v1/whoami", headers=good).json()
     auth = [v for k, v in seen["headers"] if k.lower() == "authorization"]
     assert auth == ["Bearer up"]  # ours never leaves; the upstream's key is sent

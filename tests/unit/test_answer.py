@@ -68,6 +68,7 @@ def test_tool_calls_and_reasoning_are_accepted():
             answer(message={"role": "assistant", "content": "", "reasoning_content": 1}),
             "reasoning_content is not a string",
         ),
+        (answer(message={"role": 5, "content": "hi"}), "message.role is not a string"),
         (
             answer(meta_info={**META, "completion_tokens": 3}),
             "len(output_token_logprobs)=2 != completion_tokens=3",
