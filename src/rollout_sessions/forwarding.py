@@ -125,13 +125,13 @@ async def forward(state: AppState, raw_subpath: str, request: Request) -> Respon
         state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
     length = _declared_length(head)
-    if request.method == "HEAD" and 200 <= head.status and head.status not in (204, 304):
+    if head.status in (204, 304) or head.status < 200:
+        await _drain(chunks)
+        return passthrough(head)
+    if request.method == "HEAD":  # the upstream's length, as its GET would send it
         await _drain(chunks)
         content_type, headers_out = _answer_headers(head)
         return head_answer(head.status, headers_out, content_type, length)
-    if head.status in (204, 304) or head.status < 200 or request.method == "HEAD":
-        await _drain(chunks)
-        return passthrough(head)
     if length is not None and length <= BUFFER_UP_TO:
         head.body = b"".join([chunk async for chunk in chunks])
         return passthrough(head)
