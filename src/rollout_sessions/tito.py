@@ -111,8 +111,13 @@ class Tito:
         self.template_kwargs = dict(template_kwargs or {})
         self.max_trim_tokens = MAX_TRIM_TOKENS.get(rule.name, 0)
         # A fast tokenizer's Rust core, called directly: transformers' own
-        # encode wraps the same call in ~0.2 ms of Python per turn.
+        # encode wraps the same call in ~0.2 ms of Python per turn. Without
+        # that wrapper nothing turns off a truncation or padding saved in
+        # tokenizer.json, so it is turned off here: a prompt is never cut or padded.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self._backend is not None:
+            self._backend.no_truncation()
+            self._backend.no_padding()
         self._special = {token: self._single_id(token) for token in rule.tokens}
 
     @classmethod

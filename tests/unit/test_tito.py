@@ -193,3 +193,19 @@ def test_encode_through_the_rust_core_matches_transformers(tokenizers, key):
         expected = tito.tokenizer.encode(text, add_special_tokens=False)
         assert tito.encode(text).tolist() == expected
     assert tito._backend is not None
+
+
+def test_truncation_or_padding_saved_with_a_tokenizer_never_cuts_or_pads_a_prompt(
+    tokenizers, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizers[("qwen3", "append_only")]))
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)
+    tokenizer.backend_tokenizer.enable_padding(length=64)
+    tokenizer.save_pretrained(tmp_path)
+    tito = Tito.load(str(tmp_path), "default")  # a rule that encodes nothing at load
+    text = "plain words, t1 t22 t333 and 4096 digits"
+    ids = tito.encode(text).tolist()
+    assert 4 < len(ids) < 64
+    assert ids == tito.tokenizer.encode(text, add_special_tokens=False)
