@@ -194,7 +194,7 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         outcome = await _record(state, session_id, session, plan, turn, checked, input_ids, base)
     state.metrics.chat_turns.inc(outcome)
     if outcome == "checkpoint_mismatch":
-        raise errors.checkpoint_mismatch(*_mismatch(base, checked.parsed))  # type: ignore[arg-type]
+        raise errors.checkpoint_mismatch(*_mismatch(base, checked))  # type: ignore[arg-type]
     return checked.client
 
 
@@ -218,9 +218,16 @@ async def _ask_upstream(
 
 @dataclass(frozen=True, slots=True)
 class CheckedAnswer:
-    """An upstream answer, validated, with everything written again from it."""
+    """An upstream answer, validated, with everything written again from it.
 
-    parsed: ParsedAnswer
+    Bytes and arrays only: never the parsed answer (thousands of objects the
+    cyclic GC counts), which would stay alive while the turn awaits its
+    journal commit and, many turns at a time, set off young collections.
+    """
+
+    prompt_ids: array  # int32
+    completion_ids: array  # int32
+    logprobs: array  # float32
     answer: bytes  # for the store: the answer without its prompt ids value
     cut: int  # where that value goes back
     assistant: bytes  # the generated message, as the store keeps messages
@@ -251,7 +258,9 @@ def _checked(
     except ApiError:
         state.metrics.upstream_errors.inc("malformed")
         raise
-    return CheckedAnswer(parsed, answer, cut, assistant, client)
+    return CheckedAnswer(
+        parsed.prompt_ids, parsed.completion_ids, parsed.logprobs, answer, cut, assistant, client
+    )
 
 
 def _first_difference(a: array, b: array) -> int:
@@ -260,8 +269,8 @@ def _first_difference(a: array, b: array) -> int:
     )
 
 
-def _mismatch(base: array, parsed: ParsedAnswer) -> tuple[int, int, int]:
-    tokens = parsed.prompt_ids + parsed.completion_ids
+def _mismatch(base: array, checked: CheckedAnswer) -> tuple[int, int, int]:
+    tokens = checked.prompt_ids + checked.completion_ids
     return len(base), len(tokens), _first_difference(base, tokens)
 
 
@@ -284,8 +293,7 @@ async def _record(
         return "stale"  # a concurrent turn of this session won
     # With TITO the prompt was built on the checkpoint and the upstream echoed
     # it: the prefix holds by construction.
-    parsed = checked.parsed
-    if base is not None and input_ids is None and not is_prefix(base, parsed):
+    if base is not None and input_ids is None and not is_prefix(base, checked):
         return "checkpoint_mismatch"
     write = traj.prepare(
         keep=plan.keep,
@@ -294,9 +302,9 @@ async def _record(
         assistant=checked.assistant,
         rest=turn.rest,
         with_input_ids=input_ids is not None,
-        prompt=parsed.prompt_ids,
-        completion=parsed.completion_ids,
-        logprobs=parsed.logprobs,
+        prompt=checked.prompt_ids,
+        completion=checked.completion_ids,
+        logprobs=checked.logprobs,
         answer=checked.answer,
         cut=checked.cut,
         timestamps=(time.time(), turn.arrived),
@@ -310,12 +318,12 @@ async def _record(
     return "recorded"
 
 
-def is_prefix(base: array, parsed: ParsedAnswer) -> bool:
+def is_prefix(base: array, checked: CheckedAnswer) -> bool:
     """Whether ``base`` is a prefix of the answer's prompt + completion ids."""
-    prompt, n = parsed.prompt_ids, len(base)
+    prompt, n = checked.prompt_ids, len(base)
     if len(prompt) >= n:
         return prompt[:n] == base
-    return (prompt + parsed.completion_ids)[:n] == base
+    return (prompt + checked.completion_ids)[:n] == base
 
 
 def _client_answer(turn: ChatRequest, parsed: ParsedAnswer, raw: bytes) -> Response:
