@@ -44,7 +44,7 @@ import orjson
 from blacksheep import Content, Request, Response
 
 from rollout_sessions import errors
-from rollout_sessions.answer import ParsedAnswer, parse_answer, sse_body
+from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.errors import ApiError
 from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import DELETED, NEVER_SEEN
@@ -69,9 +69,6 @@ FORCED_FLAGS: dict[str, bool] = {
     "return_meta_info": True,
     "no_stop_trim": False,
 }
-
-# Routing-replay payloads: recorded, never answered to the client.
-REPLAY_KEYS = ("routed_experts", "indexer_topk")
 
 # Fields the trajectory reads, with the JSON types they may have (absent is None).
 _MESSAGE_FIELDS = (
@@ -250,9 +247,9 @@ def _checked(
                 _first_difference(input_ids, parsed.prompt_ids),
             )
         try:
-            answer, cut = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
+            answer, cut = cut_prompt_ids(raw, parsed.prompt_ids, lambda: parsed.response)
             assistant = orjson.dumps(parsed.message)
-            client = _client_answer(turn, parsed, raw)
+            client = _client_answer(turn, parsed)
         except orjson.JSONEncodeError as exc:
             raise errors.upstream_malformed(f"the answer cannot be written again ({exc})") from None
     except ApiError:
@@ -326,11 +323,13 @@ def is_prefix(base: array, checked: CheckedAnswer) -> bool:
     return (prompt + checked.completion_ids)[:n] == base
 
 
-def _client_answer(turn: ChatRequest, parsed: ParsedAnswer, raw: bytes) -> Response:
-    response = _without_replay(parsed.response)
+def _client_answer(turn: ChatRequest, parsed: ParsedAnswer) -> Response:
+    """The answer as it came (``raw``: never parsed whole on the fast path),
+    unless a routing-replay payload must go or the client asked for a stream."""
     if turn.stream:
+        response = _without_replay(parsed.response)
         return Response(200, list(_SSE_HEADERS), Content(SSE_TYPE, sse_body(response)))
-    body = raw if response is parsed.response else orjson.dumps(response)
+    body = orjson.dumps(_without_replay(parsed.response)) if parsed.replay else parsed.raw
     return Response(200, None, Content(JSON_TYPE, body))
 
 

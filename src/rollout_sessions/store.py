@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +47,15 @@ def ids_json(ids: array) -> bytes:
     return orjson.dumps(np.frombuffer(ids, dtype=np.int32), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def cut_prompt_ids(raw: bytes, response: dict[str, Any], prompt: array) -> tuple[bytes, int]:
+def cut_prompt_ids(
+    raw: bytes, prompt: array, load: Callable[[], dict[str, Any]]
+) -> tuple[bytes, int]:
     """The answer without the value of ``choices[0].prompt_token_ids``, and where it was.
 
     The value is found as sent when the upstream wrote it as compact JSON
     (the key's opening quote is structural when no backslash precedes it:
     inside a JSON string every quote is escaped); otherwise the parsed answer
-    is written again with the value left out. Either way, inserting
+    (``load()``) is written again with the value left out. Either way, inserting
     ``ids_json(prompt)`` at the offset gives an answer equal to the original.
     """
     value = ids_json(prompt)
@@ -63,6 +65,7 @@ def cut_prompt_ids(raw: bytes, response: dict[str, Any], prompt: array) -> tuple
         if raw[at - 1] != 0x5C and raw.startswith(value, start):  # 0x5C: backslash
             return raw[:start] + raw[start + len(value) :], start
         at = raw.find(PROMPT_KEY, at + 1)
+    response = load()
     choice = response["choices"][0]
     marker = "\x00prompt_token_ids\x00"
     saved = choice["prompt_token_ids"]

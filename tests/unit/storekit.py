@@ -51,7 +51,7 @@ def commit(
     plan = plan_turn(traj, messages, message_bytes, roles)
     raw = answer_json(prompt, completion, message)
     parsed = parse_answer(raw)
-    cut, at = cut_prompt_ids(raw, parsed.response, parsed.prompt_ids)
+    cut, at = cut_prompt_ids(raw, parsed.prompt_ids, lambda: parsed.response)
     write = traj.prepare(
         keep=plan.keep,
         exact=plan.exact,

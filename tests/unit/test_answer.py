@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from array import array
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from rollout_sessions import answer as answer_module
 from rollout_sessions.answer import parse_answer, sse_body
 from rollout_sessions.errors import ApiError
 
@@ -166,3 +170,116 @@ def test_a_prompt_key_quoted_inside_a_string_is_not_the_prompt():
     message = {"role": "assistant", "content": '"prompt_token_ids":[true]'}
     parsed = parse_answer(orjson.dumps(answer(message=message)))
     assert parsed.prompt_ids == array("i", [1, 2])
+
+
+# -- the fast path (simdjson) against the full parse (orjson) ---------------------------
+
+
+def outcome(parse: Any, raw: bytes) -> Any:
+    """What a parse gives: the parts the trajectory and the client use, or the error."""
+    try:
+        parsed = parse(raw)
+    except ApiError as exc:
+        return ("error", exc.status, exc.message)
+    if parsed is None:
+        return None
+    return (
+        parsed.message,
+        parsed.prompt_ids.tolist(),
+        parsed.completion_ids.tolist(),
+        parsed.logprobs.tolist(),
+        parsed.replay,
+        parsed.response,
+    )
+
+
+def test_a_realistic_answer_takes_the_fast_path():
+    content = [{"token": "w", "logprob": -0.25, "bytes": [119], "top_logprobs": []}] * 800
+    raw = orjson.dumps(answer(logprobs={"content": content}, prompt_token_ids=list(range(9000))))
+    fast = outcome(answer_module._parse_fast, raw)
+    assert fast is not None
+    assert fast == outcome(answer_module._parse_full, raw)
+    assert fast[1] == list(range(9000))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        # duplicate keys where the fast path looks up: orjson keeps the last
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,2],"prompt_token_ids":[3,4]'),
+        (b'"completion_tokens":2', b'"completion_tokens":1,"completion_tokens":2'),
+        (b'"choices":[', b'"choices":[],"choices":['),
+        (b'"message":{', b'"message":{"content":"first",'),
+        # values the fast path leaves to the full parse
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,123456789012345678901234567890]'),
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,2.0]'),
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,true]'),
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[1,2147483648]'),
+        (b'"prompt_token_ids":[1,2]', b'"prompt_token_ids":[]'),
+        (b'"completion_tokens":2', b'"completion_tokens":true'),
+        (b'"completion_tokens":2', b'"completion_tokens":{"n":2}'),
+        (b'"model":"m"', b'"model":"\\ud800"'),
+        (b'"model":"m"', b'"model":"\\ud83d\\ude00"'),
+        (b'"model":"m"', b'"model":1e400'),
+        (b'"model":"m"', b'"model":' + b"[" * 300 + b"]" * 300),
+        (b'"model":"m"', b'"model":' + b"[" * 1100 + b"]" * 1100),
+        (b'"meta_info":{', b'"meta_info":{"routed_experts":[1],'),
+        (b'"meta_info":{', b'"meta_info":{"indexer_topk":1,"indexer_topk":2,'),
+        (b'"choices":[{', b'"choices":[{"meta_info":{"indexer_topk":[]}},{'),
+        (b'"choices":[{', b'"choices":[7,{'),
+        (b'"message":{', b'"message":[{'),
+        (b'{"id"', b'[{"id"'),
+        (b'"id":"x"', b'"id":"x"}{'),
+    ],
+)
+def test_the_fast_path_agrees_with_the_full_parse(old: bytes, new: bytes):
+    raw = orjson.dumps(answer())
+    assert old in raw
+    raw = raw.replace(old, new, 1)
+    if new.startswith(b"[{"):
+        raw += b"]"
+    fast = outcome(answer_module._parse_fast, raw)
+    full = outcome(answer_module._parse_full, raw)
+    if fast is not None:
+        assert fast == full
+    assert outcome(parse_answer, raw) == full
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    prompt=st.lists(
+        st.one_of(
+            st.integers(-5, 2**31 + 5),
+            st.integers(0, 2**70),
+            st.booleans(),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.none(),
+        ),
+        max_size=6,
+    ),
+    entries=st.lists(
+        st.one_of(
+            st.tuples(st.floats(allow_nan=False, allow_infinity=False), st.integers(0, 2**31 - 1)),
+            st.tuples(st.booleans(), st.integers(-3, 3)),
+            st.just([]),
+            st.just({"x": 1}),
+        ),
+        max_size=4,
+    ),
+    count=st.one_of(st.integers(0, 5), st.booleans(), st.floats(0, 5), st.none()),
+    content=st.one_of(st.text(max_size=8), st.none(), st.integers()),
+    extra_meta=st.sampled_from([{}, {"routed_experts": [1, 2]}, {"indexer_topk": None}]),
+)
+def test_fast_and_full_parse_agree_on_any_answer(prompt, entries, count, content, extra_meta):
+    meta = {"output_token_logprobs": [list(e) for e in entries], "completion_tokens": count}
+    body = answer(
+        prompt_token_ids=prompt,
+        message={"role": "assistant", "content": content},
+        meta_info={**extra_meta, **meta},
+    )
+    raw = json.dumps(body, separators=(",", ":")).encode()  # integers past 64 bits too
+    fast = outcome(answer_module._parse_fast, raw)
+    full = outcome(answer_module._parse_full, raw)
+    if fast is not None:
+        assert fast == full
+    assert outcome(parse_answer, raw) == full

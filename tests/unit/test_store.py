@@ -175,7 +175,7 @@ def test_prompt_ids_are_cut_out_and_put_back_exactly(text: str | None) -> None:
         raw = json.dumps(json.loads(raw), separators=(", ", ": ")).encode()
     parsed = parse_answer(raw) if text != "spaced" else None
     response = orjson.loads(raw)
-    cut, at = cut_prompt_ids(raw, response, prompt)
+    cut, at = cut_prompt_ids(raw, prompt, lambda: response)
     assert b"[11,22,33]" not in cut[at - 20 : at + 20] or text == "decoy"
     rebuilt = cut[:at] + b"[11,22,33]" + cut[at:]
     assert orjson.loads(rebuilt) == orjson.loads(raw)
