@@ -10,6 +10,13 @@ A token id is an integer in ``[0, 2**31)``; a logprob is a number. Token
 ids come back as int32 arrays and logprobs as float32: what the trajectory
 keeps.
 
+Two readers, one verdict: simdjson validates the whole document and only
+the parts read become Python objects (``_parse_fast``); anything unusual
+(a document simdjson refuses, a duplicate key where it looks one up, a value
+of another type) goes to ``orjson.loads`` of the whole answer
+(``_parse_full``), which names the defect. The fast path never accepts what
+the full parse refuses, and gives the same values where it accepts.
+
 ``sse_body`` renders a complete answer as the short SSE stream a client that
 asked for ``stream: true`` gets.
 """
@@ -35,6 +42,7 @@ _NO_LOGPROBS = (
     "(the backend must honour return_meta_info=true and logprobs=true)"
 )
 _NUMBER_TYPES = frozenset({int, float})
+_UTF8_BOM = b"\xef\xbb\xbf"
 _SimdObject = simdjson.Object
 _SimdArray = simdjson.Array
 
@@ -192,6 +200,8 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     64 bits), a duplicate key where this path looks a key up (simdjson finds
     the first, orjson keeps the last), a value of an unexpected type.
     """
+    if raw.startswith(_UTF8_BOM):  # simdjson skips it; orjson (and clients) refuse it
+        return None
     try:
         doc = simdjson.Parser().parse(raw)
     except (ValueError, RuntimeError):  # not JSON, too deep, a big integer...
