@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rollout_sessions import demo
-from rollout_sessions.balancer import route
+from rollout_sessions.balancer import BUFFER_BYTES, route
 from rollout_sessions.testing.processes import ManagedProcess, clean_env, free_port_range
 
 HOST = "127.0.0.1"
@@ -142,6 +142,20 @@ def test_create_by_id_body_and_path_agree(cluster: ClusterProc) -> None:
         assert r.status_code == 200, r.text
         assert cluster.request("GET", f"/sessions/{sid}").status_code == 200
         assert cluster.holders(sid) == [route(sid, list(range(cluster.n)))]
+
+
+def test_a_create_body_is_read_up_to_one_balancer_buffer(cluster: ClusterProc) -> None:
+    # Metadata beside the id: 40 KB is read and routed (it was a 413 with
+    # HAProxy's default 16 KiB buffer), past one buffer it is refused.
+    for size, status in ((40_000, 200), (BUFFER_BYTES + 1, 413)):
+        sid = f"padded-{size}"
+        body = json.dumps({"note": "x" * size, "session_id": sid})
+        r = cluster.request(
+            "POST", "/sessions", data=body, headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == status, r.text
+        holders = [route(sid, list(range(cluster.n)))] if status == 200 else []
+        assert cluster.holders(sid) == holders
 
 
 def test_ambiguous_create_bodies_are_refused(cluster: ClusterProc) -> None:
