@@ -68,7 +68,8 @@ class ClusterProc(ManagedProcess):
     def holders(self, sid: str) -> list[int]:
         """The instances that hold ``sid``, asked directly (a never-seen id
         answers 200 with empty ``metadata``, a deleted one 404)."""
-        quoted = urllib.parse.quote(sid, safe="")
+        # Dots encoded too: a client removes a "." or ".." path segment.
+        quoted = urllib.parse.quote(sid, safe="").replace(".", "%2E")
         found = []
         for k, url in enumerate(self.instance_urls):
             r = requests.get(f"{url}/sessions/{quoted}", timeout=10)
