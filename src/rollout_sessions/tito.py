@@ -118,6 +118,9 @@ class Tito:
         if self._backend is not None:
             self._backend.no_truncation()
             self._backend.no_padding()
+        # The same ids without the character offsets (10-20% faster), where the
+        # tokenizers version has it.
+        self._encode_fast = getattr(self._backend, "encode_batch_fast", None)
         self._special = {token: self._single_id(token) for token in rule.tokens}
 
     @classmethod
@@ -183,7 +186,9 @@ class Tito:
             raise errors.template_failed(str(exc)) from None
 
     def encode(self, text: str) -> array:
-        if self._backend is not None:
+        if self._encode_fast is not None:
+            ids = self._encode_fast([text], add_special_tokens=False)[0].ids
+        elif self._backend is not None:
             ids = self._backend.encode(text, add_special_tokens=False).ids
         else:
             ids = self.tokenizer.encode(text, add_special_tokens=False)

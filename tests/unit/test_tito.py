@@ -193,6 +193,7 @@ def test_encode_through_the_rust_core_matches_transformers(tokenizers, key):
         expected = tito.tokenizer.encode(text, add_special_tokens=False)
         assert tito.encode(text).tolist() == expected
     assert tito._backend is not None
+    assert tito._encode_fast is not None  # the installed tokenizers has the offset-free call
 
 
 def test_truncation_or_padding_saved_with_a_tokenizer_never_cuts_or_pads_a_prompt(
