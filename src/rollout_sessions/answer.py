@@ -229,8 +229,12 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     if len(wide) and (wide.min() < 0 or wide.max() > MAX_TOKEN_ID):
         return None
     replay = False
-    for other in choices:
-        other_meta = other.get("meta_info") if type(other) is _SimdObject else None
+    for other in choices:  # a replay payload in any choice: written again without it
+        if type(other) is not _SimdObject:
+            continue
+        if not _is_plain_object(other):
+            return None
+        other_meta = other.get("meta_info")
         if type(other_meta) is _SimdObject:
             keys = list(other_meta.keys())
             if len(set(keys)) != len(keys):

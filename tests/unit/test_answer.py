@@ -226,6 +226,8 @@ def test_a_realistic_answer_takes_the_fast_path():
         (b'"meta_info":{', b'"meta_info":{"routed_experts":[1],'),
         (b'"meta_info":{', b'"meta_info":{"indexer_topk":1,"indexer_topk":2,'),
         (b'"choices":[{', b'"choices":[{"meta_info":{"indexer_topk":[]}},{'),
+        (b"}]}", b'},{"meta_info":{},"meta_info":{"indexer_topk":1}}]}'),
+        (b"}]}", b'},{"meta_info":{"indexer_topk":1},"meta_info":{}}]}'),
         (b'"choices":[{', b'"choices":[7,{'),
         (b'"message":{', b'"message":[{'),
         (b'{"id"', b'[{"id"'),
