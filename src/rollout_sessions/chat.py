@@ -310,7 +310,9 @@ async def _record(
     if journal is not None:
         # Committed before it is answered (and before the store changes):
         # a turn answered survives a kill, a failed write changes nothing.
-        await journal.turn(state.registry.key_of(session_id), session_id, "auto", write)
+        key = state.registry.key_of(session_id)
+        # A committed turn (version > 0) means the session's row is written.
+        await journal.turn(key, session_id, "auto", write, has_row=traj.version > 0)
     traj.apply(write, keep_answer=journal is None)
     return "recorded"
 

@@ -172,19 +172,23 @@ class Journal:
 
         await self._submit(run)
 
-    async def turn(self, key: bytes, sid: str, kind: str, write: TurnWrite) -> None:
+    async def turn(self, key: bytes, sid: str, kind: str, write: TurnWrite, has_row: bool) -> None:
+        """A recorded turn. ``has_row``: the session's row is known to be written
+        (it has a committed turn); else it is written first (an auto-created
+        session's first turn), with ``kind``."""
         now = time.time()
         compress = self._compressor.compress
 
         def run(conn: sqlite3.Connection) -> None:
+            if not has_row:
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
+                    (key, sid, KINDS[kind], now),
+                )
+            # The triggers (journal_db) drop the turns after it and touch the session.
             conn.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
-                (key, sid, KINDS[kind], now),
-            )
-            conn.execute("DELETE FROM turns WHERE key = ? AND k >= ?", (key, write.keep))
-            conn.execute(
-                "INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     write.keep,

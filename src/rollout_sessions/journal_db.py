@@ -42,6 +42,23 @@ CREATE TABLE IF NOT EXISTS turns (
     PRIMARY KEY (key, k)
 );
 CREATE TABLE IF NOT EXISTS deleted (slot INTEGER PRIMARY KEY, key BLOB NOT NULL, at REAL NOT NULL);
+-- A turn is one statement (INSERT OR REPLACE at its index): the writer thread
+-- takes the GIL back after every statement, and each time waits for the
+-- event loop to let go of it. The triggers do the rest inside SQLite: a turn
+-- of a session with no row is not written (the session was deleted or
+-- expired meanwhile); a turn at index k replaces the turns from k on (a retry
+-- or rollback) and touches the session's row.
+CREATE TRIGGER IF NOT EXISTS turn_of_a_live_session BEFORE INSERT ON turns
+WHEN NOT EXISTS (SELECT 1 FROM sessions WHERE key = NEW.key)
+BEGIN
+    SELECT RAISE(IGNORE);
+END;
+CREATE TRIGGER IF NOT EXISTS turn_written AFTER INSERT ON turns
+BEGIN
+    DELETE FROM turns WHERE key = NEW.key AND k > NEW.k;
+    UPDATE sessions SET touched = (julianday('now') - 2440587.5) * 86400.0
+    WHERE key = NEW.key;
+END;
 """
 
 

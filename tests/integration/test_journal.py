@@ -92,6 +92,27 @@ def test_kill_9_loses_nothing_answered(tmp_path: Path) -> None:
         again.cleanup()
 
 
+def test_a_retried_turn_replaces_the_last_one_on_disk(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = start(data)
+    sid = srv.post("/sessions").json()["session_id"]
+    messages = converse(srv, sid, 3)
+    retry = chat(srv, sid, messages[:-2])  # the third turn again
+    assert retry.status_code == 200, retry.text
+    before = srv.get(f"/sessions/{sid}").json()
+    assert len(before["records"]) == 3
+    killed(srv)
+    with sqlite3.connect(data / "journal.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 3
+    again = start(data)
+    try:
+        assert again.get(f"/sessions/{sid}").json() == before
+        assert chat(again, sid, messages).status_code == 200  # and it goes on from there
+        assert len(again.get(f"/sessions/{sid}").json()["records"]) == 4
+    finally:
+        again.cleanup()
+
+
 def test_journal_off_remembers_nothing_and_writes_nothing(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data, "--no-journal")
