@@ -9,6 +9,11 @@ checkpoint copied) for one 400-word tool result appended to a checkpoint of
 ``Tito.first_turn`` for a first prompt of the same shape. The server's
 whole CPU per turn with TITO on and off is ``bench_realistic.py --tokenizer``.
 
+Also the encode alone of the realistic workload's tool result (the 400 words
+``t0 t1 ...`` that ``loadgen.py realistic`` sends), with the Qwen3-style
+tokenizer (digits one by one) and the GLM-4.7-style one (digits in threes):
+the floor of what TITO adds to a realistic turn.
+
     .venv/bin/python benchmarks/bench_tito.py
 
 Target: 32k-token histories within 1.3x of 1k-token ones.
@@ -52,6 +57,23 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def workload_encode(merges: int, words: int, repeats: int) -> dict[str, tuple[int, float]]:
+    """Tokens and median ms of ``Tito.encode`` of the realistic workload's tool
+    result (the words ``loadgen.py realistic`` sends), per tokenizer family."""
+    text = " ".join(f"t{i % 991}" for i in range(words))
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("qwen3", "glm47"):
+            tito = Tito.load(
+                str(build_tokenizer(Path(tmp) / family, family, "append_only", merges)), family
+            )
+            out[family] = (
+                len(tito.encode(text)),
+                timed(lambda t=tito: t.encode(text), repeats) * 1000,
+            )
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--merges", type=int, default=4000)
@@ -88,6 +110,11 @@ def main() -> None:
         f"first_turn ({appended_tokens}-token prompt): {first_ms:.3f} ms "
         f"(render {render_ms:.3f} ms, encode {encode_ms:.3f} ms)"
     )
+    workload = workload_encode(a.merges, a.tool_words, a.repeats)
+    for family, (tokens, ms) in workload.items():
+        print(
+            f"encode of the realistic tool result, {family} tokenizer: {tokens} tokens, {ms:.3f} ms"
+        )
     ratio = rows["32000"] / rows["1000"]
     res = {
         "params": {k: str(v) for k, v in vars(a).items()},
@@ -96,6 +123,7 @@ def main() -> None:
         "first_turn_ms": first_ms,
         "render_ms": render_ms,
         "encode_ms": encode_ms,
+        "workload_encode": {f: {"tokens": t, "ms": ms} for f, (t, ms) in workload.items()},
     }
     targets = [
         {"target": "32k-token history within 1.3x of 1k", "value": ratio, "met": ratio <= 1.3}
