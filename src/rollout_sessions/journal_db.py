@@ -6,6 +6,7 @@ lock file. Tables: ``meta`` (the registry's secrets, the mint reservation),
 turn's ``store.TurnWrite``: a small JSON head, the rest of the request, the
 new messages framed, the token suffix, the zstd answer, the float32
 logprobs) and ``deleted`` (the tombstone ring's deleted foreign ids, by slot).
+Two triggers on ``turns`` make a recorded turn one statement (see ``_SCHEMA``).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ CREATE TABLE IF NOT EXISTS turns (
     PRIMARY KEY (key, k)
 );
 CREATE TABLE IF NOT EXISTS deleted (slot INTEGER PRIMARY KEY, key BLOB NOT NULL, at REAL NOT NULL);
--- A turn is one statement (INSERT OR REPLACE at its index): the writer thread
--- takes the GIL back after every statement, and each time waits for the
--- event loop to let go of it. The triggers do the rest inside SQLite: a turn
--- of a session with no row is not written (the session was deleted or
--- expired meanwhile); a turn at index k replaces the turns from k on (a retry
--- or rollback) and touches the session's row.
+-- A turn is one statement (INSERT OR REPLACE at its index): each statement
+-- costs the writer thread Python overhead and a GIL round trip with the
+-- event loop. The triggers do the rest inside SQLite: a turn of a session
+-- with no row is not written (the session was deleted or expired
+-- meanwhile); a turn at index k replaces the turns from k on (a retry or
+-- rollback) and touches the session's row.
 CREATE TRIGGER IF NOT EXISTS turn_of_a_live_session BEFORE INSERT ON turns
 WHEN NOT EXISTS (SELECT 1 FROM sessions WHERE key = NEW.key)
 BEGIN
