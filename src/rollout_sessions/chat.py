@@ -285,6 +285,11 @@ async def _record(
     one), or say why not (the outcome)."""
     if session.closing:
         return "closing"
+    if state.registry.lookup(session_id) is not session:
+        # Expired (idle TTL) during the upstream call: the answer goes back,
+        # and nothing is recorded for a session that is gone. (The lookup
+        # also counts the turn's end as activity.)
+        return "closing"
     traj = session.trajectory
     if traj.version != plan.version:
         return "stale"  # a concurrent turn of this session won

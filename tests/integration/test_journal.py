@@ -169,6 +169,23 @@ def test_expired_sessions_leave_the_journal(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
 
 
+def test_a_session_that_expires_during_its_turn_stays_gone(tmp_path: Path, echo_factory) -> None:
+    slow = echo_factory(latency_ms=3000)  # longer than the idle TTL
+    data = tmp_path / "data"
+    srv = start(data, "--session-ttl-s", "1", "--upstream", slow.url)
+    sid = srv.post("/sessions").json()["session_id"]
+    assert chat(srv, sid, MSG).status_code == 200  # answered, not recorded
+    assert srv.get(f"/sessions/{sid}").status_code == 404  # minted, expired: gone
+    killed(srv)
+    with sqlite3.connect(data / "journal.sqlite3") as conn:
+        assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
+    again = start(data, "--session-ttl-s", "1", "--upstream", slow.url)
+    try:
+        assert again.get(f"/sessions/{sid}").status_code == 404  # not brought back
+    finally:
+        again.cleanup()
+
+
 def test_idle_clocks_survive_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data, "--session-ttl-s", "4")
