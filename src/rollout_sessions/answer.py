@@ -211,12 +211,13 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     choices = doc.get("choices")
     if type(choices) is not _SimdArray or not len(choices):
         return None
+    replay = _replay_in(choices)  # also: every choice and its meta_info plain
     choice = choices[0]
-    if not _is_plain_object(choice):
+    if replay is None or type(choice) is not _SimdObject:
         return None
     meta = choice.get("meta_info")
     prompt = choice.get("prompt_token_ids")
-    if not _is_plain_object(meta) or type(prompt) is not _SimdArray:
+    if type(meta) is not _SimdObject or type(prompt) is not _SimdArray:
         return None
     entries = meta.get("output_token_logprobs")
     if type(entries) is not _SimdArray:
@@ -228,18 +229,6 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     wide = np.frombuffer(buffer, np.int64)
     if len(wide) and (wide.min() < 0 or wide.max() > MAX_TOKEN_ID):
         return None
-    replay = False
-    for other in choices:  # a replay payload in any choice: written again without it
-        if type(other) is not _SimdObject:
-            continue
-        if not _is_plain_object(other):
-            return None
-        other_meta = other.get("meta_info")
-        if type(other_meta) is _SimdObject:
-            keys = list(other_meta.keys())
-            if len(set(keys)) != len(keys):
-                return None
-            replay = replay or any(key in REPLAY_KEYS for key in keys)
     count = meta.get("completion_tokens")
     if type(count) is not int:
         return None
@@ -256,6 +245,24 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
         logprobs,
         replay,
     )
+
+
+def _replay_in(choices: Any) -> bool | None:
+    """Whether a choice's ``meta_info`` holds a replay payload (the answer is then
+    written again without it); ``None`` if a choice or its ``meta_info`` repeats
+    a key (orjson would read the last one, simdjson finds the first)."""
+    replay = False
+    for choice in choices:
+        if type(choice) is not _SimdObject:
+            continue
+        if not _is_plain_object(choice):
+            return None
+        meta = choice.get("meta_info")
+        if type(meta) is _SimdObject:
+            if not _is_plain_object(meta):
+                return None
+            replay = replay or any(key in REPLAY_KEYS for key in meta.keys())
+    return replay
 
 
 def _is_plain_object(value: Any) -> bool:
