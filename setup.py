@@ -1,5 +1,6 @@
-"""Builds the Cython registry (src/rollout_sessions/registry/) into
-rollout_sessions.registry._registry; its C core is in registry/includes/."""
+"""Builds the Cython modules: the registry (src/rollout_sessions/registry/) into
+rollout_sessions.registry._registry, its C core in registry/includes/; and the
+answer's logprob reader, rollout_sessions._logprobs."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -12,7 +13,12 @@ extensions = [
         sources=[f"{REGISTRY}/_registry.pyx"],
         include_dirs=[f"{REGISTRY}/includes"],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension(
+        "rollout_sessions._logprobs",
+        sources=["src/rollout_sessions/_logprobs.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

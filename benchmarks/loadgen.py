@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -193,50 +194,107 @@ async def _chat_client(
         await client.close()
 
 
+async def _realistic_session(
+    client: HttpClient, rec: Recorder, budget: list[int], a: argparse.Namespace, tool: str
+) -> None:
+    """One session of ``a.turns`` realistic turns: a 400-word tool result after
+    each answer, the history growing; then GET and DELETE (unless ``a.keep``).
+    Only chat turns are timed; every request counts in the server's CPU."""
+    try:
+        status, sid = await create_session(client)
+        if status != 200:
+            rec.error(f"create: {status}")
+            return
+        path = chat_path(sid)
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": "You are an agent."},
+            {"role": "user", "content": "solve " + tool},
+        ]
+        for k in range(a.turns):
+            budget[0] -= 1
+            body = json.dumps({"model": "m", "messages": messages}).encode()
+            data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {k}")
+            if data is None:
+                break
+            content = json.loads(data)["choices"][0]["message"]["content"]
+            messages = [
+                *messages,
+                {"role": "assistant", "content": content},
+                {"role": "tool", "content": f"{k} {tool}"},
+            ]
+        if not a.keep:
+            await get_session(client, sid)
+            await delete_session(client, sid)
+        elif a.ids_out:
+            with open(a.ids_out, "a") as out:
+                out.write(sid + "\n")
+    except HttpError as e:
+        rec.error(str(e))
+
+
+def _tool_result(words: int) -> str:
+    return " ".join(f"t{i % 991}" for i in range(words))
+
+
 async def _realistic_client(
     url: str, rec: Recorder, budget: list[int], a: argparse.Namespace, sessions: list[int]
 ) -> None:
-    """Sessions of ``a.turns`` realistic turns: a 400-word tool result after each
-    answer, the history growing; then GET and DELETE (unless ``a.keep``).
-    Only chat turns are timed; every request counts in the server's CPU."""
+    """Closed loop: one client running sessions back to back."""
     client = HttpClient.for_url(url, timeout=300.0)
     ns = time.perf_counter_ns
-    tool = " ".join(f"t{i % 991}" for i in range(a.tool_words))
+    tool = _tool_result(a.tool_words)
     try:
         while budget[0] > 0 and ns() < rec.t_stop and sessions[0] > 0:
             sessions[0] -= 1
-            try:
-                status, sid = await create_session(client)
-                if status != 200:
-                    rec.error(f"create: {status}")
-                    continue
-                path = chat_path(sid)
-                messages: list[dict[str, Any]] = [
-                    {"role": "system", "content": "You are an agent."},
-                    {"role": "user", "content": "solve " + tool},
-                ]
-                for k in range(a.turns):
-                    budget[0] -= 1
-                    body = json.dumps({"model": "m", "messages": messages}).encode()
-                    data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {k}")
-                    if data is None:
-                        break
-                    content = json.loads(data)["choices"][0]["message"]["content"]
-                    messages = [
-                        *messages,
-                        {"role": "assistant", "content": content},
-                        {"role": "tool", "content": f"{k} {tool}"},
-                    ]
-                if not a.keep:
-                    await get_session(client, sid)
-                    await delete_session(client, sid)
-                elif a.ids_out:
-                    with open(a.ids_out, "a") as out:
-                        out.write(sid + "\n")
-            except HttpError as e:
-                rec.error(str(e))
+            await _realistic_session(client, rec, budget, a, tool)
     finally:
         await client.close()
+
+
+async def _realistic_open(
+    url: str, rec: Recorder, budget: list[int], a: argparse.Namespace
+) -> None:
+    """Open loop: sessions arrive at ``a.rate`` per second (Poisson, the same
+    seeded sequence every run) whatever the server's speed, each on an idle
+    keep-alive connection of a pool (a new one when none is idle); the turns
+    of a session follow each other. An arrival finding ``a.concurrency``
+    sessions in flight is not started and counts as an error: the offered
+    load is then above what the server keeps up with."""
+    ns = time.perf_counter_ns
+    rng = random.Random(20261127)
+    tool = _tool_result(a.tool_words)
+    idle: list[HttpClient] = []
+    everyone: list[HttpClient] = []
+    running: set[asyncio.Task] = set()
+
+    async def session(client: HttpClient) -> None:
+        try:
+            await _realistic_session(client, rec, budget, a, tool)
+        finally:
+            idle.append(client)
+
+    due = ns()
+    try:
+        while budget[0] > 0 and ns() < rec.t_stop:
+            due += int(rng.expovariate(a.rate) * 1e9)
+            wait = (due - ns()) / 1e9
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if len(running) >= a.concurrency:
+                rec.error(f"arrival refused: {a.concurrency} sessions in flight")
+                continue
+            if not idle:
+                client = HttpClient.for_url(url, timeout=300.0)
+                everyone.append(client)
+                idle.append(client)
+            task = asyncio.create_task(session(idle.pop()))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+    finally:
+        for client in everyone:
+            await client.close()
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -249,10 +307,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         clients = [_lifecycle_client(args.url, rec, budget) for _ in range(args.concurrency)]
     elif args.scenario == "realistic":
         sessions = [args.sessions or 1 << 62]
-        clients = [
-            _realistic_client(args.url, rec, budget, args, sessions)
-            for _ in range(args.concurrency)
-        ]
+        clients = (
+            [_realistic_open(args.url, rec, budget, args)]
+            if args.rate
+            else [
+                _realistic_client(args.url, rec, budget, args, sessions)
+                for _ in range(args.concurrency)
+            ]
+        )
     else:
         clients = [
             _chat_client(args.url, rec, budget, args.direct, args.turns_per_session, i)
@@ -297,6 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--keep", action="store_true", help="never GET or DELETE (memory study)")
             s.add_argument("--ids-out", help="with --keep: append each kept session's id here")
+            s.add_argument(
+                "--rate",
+                type=float,
+                default=0.0,
+                help="open loop: sessions started per second (--concurrency caps those in "
+                "flight); 0: closed loop, --concurrency clients back to back",
+            )
     return p
 
 

@@ -15,7 +15,10 @@ the parts read become Python objects (``_parse_fast``); anything unusual
 (a document simdjson refuses, a duplicate key where it looks one up, a value
 of another type) goes to ``orjson.loads`` of the whole answer
 (``_parse_full``), which names the defect. The fast path never accepts what
-the full parse refuses, and gives the same values where it accepts.
+the full parse refuses, and gives the same values where it accepts. In it,
+``output_token_logprobs`` in its usual shape (``[logprob, id, null]``
+entries) goes from simdjson's minified text to the two arrays in C
+(``_logprobs.read_pairs``); any other shape is read as Python lists.
 
 ``sse_body`` renders a complete answer as the short SSE stream a client that
 asked for ``stream: true`` gets.
@@ -32,6 +35,7 @@ import orjson
 import simdjson
 
 from rollout_sessions import errors
+from rollout_sessions._logprobs import read_pairs
 
 MAX_TOKEN_ID = 2**31 - 1
 TOKEN_TYPECODE = "i"  # token ids are stored as int32
@@ -236,7 +240,8 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     if type(message) is _SimdObject:
         message = message.as_dict()  # duplicates: the last, as orjson
     message = _message(message)  # the defects in _parse_full's order
-    completion, logprobs = _completion(entries.as_list(), count)
+    pairs = read_pairs(entries.mini, count, MAX_TOKEN_ID) if count == len(entries) else None
+    completion, logprobs = pairs or _completion(entries.as_list(), count)
     return ParsedAnswer(
         raw,
         message,

@@ -1,0 +1,3 @@
+from array import array
+
+def read_pairs(text: bytes, n: int, max_id: int) -> tuple[array, array] | None: ...
