@@ -11,6 +11,10 @@ whole benchmark (an idle one costs nothing), rounds alternating their order:
 For each, per round: turns/s, p50/p99 of a turn, and CPU per turn of every
 process tree (HAProxy, each instance, the cluster's supervisor).
 
+Then one ``serve`` alone again, open loop at the turns/s each instance of
+N=2 served: what an instance costs per turn at that load without a second
+instance beside it.
+
 The model: an instance costs ``c_i`` ms of CPU per turn, HAProxy ``c_b``. With
 N instances on C cores (N <= C; backend and clients elsewhere),
 ``turns/s = min(N / c_i, C / (c_i + c_b))``, and the scaling against one
@@ -40,7 +44,7 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_realistic import backend_argv, cpu_seconds, load_args  # noqa: E402
+from bench_realistic import OPEN_LOOP_CAP, backend_argv, cpu_seconds, load_args  # noqa: E402
 from benchutil import (  # noqa: E402
     RESULTS,
     finish,
@@ -94,11 +98,16 @@ def own_cpu(proc: psutil.Process) -> float:
     return t.user + t.system
 
 
-def one_round(target: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
+def one_round(target: dict[str, Any], a: argparse.Namespace, rate: float = 0.0) -> dict[str, Any]:
+    """One round: ``a.concurrency`` clients, or open loop at ``rate`` sessions/s."""
     parts: dict[str, psutil.Process] = target["parts"]
     measure = {name: (own_cpu if name == "supervisor" else cpu_seconds) for name in parts}
     before = {name: measure[name](p) for name, p in parts.items()}
-    out = run_loadgen(*load_args(target["url"], a, a.concurrency, a.duration))
+    if rate:
+        extra = ("--rate", f"{rate:.3f}")
+        out = run_loadgen(*load_args(target["url"], a, OPEN_LOOP_CAP, a.duration, *extra))
+    else:
+        out = run_loadgen(*load_args(target["url"], a, a.concurrency, a.duration))
     turns = max(1, out["units"])
     cpu = {name: (measure[name](p) - before[name]) * 1000 / turns for name, p in parts.items()}
     lat = out["latency_ms"].get("turn", {})
@@ -174,6 +183,18 @@ def main() -> None:
                     f"CPU ms/turn: {cpu}  errors {last['errors']}",
                     flush=True,
                 )
+        # One instance alone at the load each instance of N=2 had (open loop):
+        # what an instance costs per turn at that load, without a second one.
+        half = median([r["turns_per_s"] for r in runs["cluster2"]]) / 2 / a.turns
+        runs["alone_half"] = []
+        for r in range(a.rounds):
+            runs["alone_half"].append(one_round(targets["alone"], a, rate=half))
+            last = runs["alone_half"][-1]
+            print(
+                f"round {r} alone at {half:.1f} sessions/s: {last['turns_per_s']:.1f} turns/s  "
+                f"CPU ms/turn: {last['cpu_ms_per_turn']['server']:.3f}",
+                flush=True,
+            )
     res: dict[str, Any] = {"params": vars(a) | {"json": str(a.json)}}
     res["runs"] = {name: summarize(rs) for name, rs in runs.items()}
     t = res["runs"]
@@ -182,11 +203,19 @@ def main() -> None:
     # Each turn is served by one instance: per turn served, an instance costs the sum.
     c_i = c2["instance0"] + c2["instance1"]
     c_b = c2["haproxy"]
+    c_half = t["alone_half"]["cpu_ms_per_turn"]["server"]
+    c_full = t["cluster1"]["cpu_ms_per_turn"]["instance0"]
+    c_b_n1 = t["cluster1"]["cpu_ms_per_turn"]["haproxy"]
     res["inputs"] = {"c_1": c_1, "c_i": c_i, "c_b": c_b, "c_b_over_c_i": c_b / c_i}
+    res["inputs"] |= {"c_1_at_n2_load": c_half, "c_i_n1": c_full, "c_b_n1": c_b_n1}
     res["model"] = model(c_1, c_i, c_b, [1, 2, 4, 8, 16])
+    res["model_full_load"] = model(c_1, c_full, c_b_n1, [1, 2, 4, 8, 16])
     print(
         f"\ninputs: alone {c_1:.3f} ms/turn; N=2 instances {c_i:.3f}; HAProxy {c_b:.3f} "
-        f"({c_b / c_i:.1%} of an instance's)"
+        f"({c_b / c_i:.1%} of an instance's)\n"
+        f"alone at the load of an N=2 instance: {c_half:.3f} ms/turn; "
+        f"N=1 behind HAProxy: instance {c_full:.3f}, HAProxy {c_b_n1:.3f} "
+        f"(model at full load: {model(c_1, c_full, c_b_n1, [16])[0]['scaling'] / 16:.2f} N)"
     )
     for row in res["model"]:
         print(

@@ -53,6 +53,13 @@ def test_config_routes_each_tag_and_checks_each_instance() -> None:
     assert "no option redispatch" in text.split("\nfrontend")[0]
 
 
+@pytest.mark.parametrize(("n", "threads"), [(1, 1), (5, 1), (6, 2), (16, 4)])
+def test_one_balancer_thread_per_five_instances(n: int, threads: int) -> None:
+    instances = [Instance(k, "10.0.0.1", 9000 + k) for k in range(n)]
+    text = haproxy_config(instances, "0.0.0.0", 8000, Settings())
+    assert f"\n    nbthread {threads}\n" in text.split("\ndefaults\n")[0]
+
+
 def test_config_refuses_duplicate_tags_and_no_instances() -> None:
     with pytest.raises(ValueError, match="unique"):
         haproxy_config([Instance(1, "a", 1), Instance(1, "b", 2)], "h", 1, Settings())
