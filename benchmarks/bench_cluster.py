@@ -19,7 +19,11 @@ The model: an instance costs ``c_i`` ms of CPU per turn, HAProxy ``c_b``. With
 N instances on C cores (N <= C; backend and clients elsewhere),
 ``turns/s = min(N / c_i, C / (c_i + c_b))``, and the scaling against one
 instance alone (``c_1``) is ``turns/s * c_1``; for N = C it is
-``N * c_1 / (c_i + c_b)``.
+``N * c_1 / (c_i + c_b)``. Twice: with ``c_i`` as measured for N=2 (each
+instance at half the load of one alone: fewer events per loop pass,
+smaller group commits), and with ``c_i`` at full load (the instance of N=1
+times what a second instance adds at equal load: N=2's instances over one
+alone at their load), which is the regime of a saturated cluster on C cores.
 
     .venv/bin/python benchmarks/bench_cluster.py
     .venv/bin/python benchmarks/bench_cluster.py --concurrency 64 --duration 10 --rounds 3
@@ -203,42 +207,51 @@ def main() -> None:
     # Each turn is served by one instance: per turn served, an instance costs the sum.
     c_i = c2["instance0"] + c2["instance1"]
     c_b = c2["haproxy"]
+    # The N=2 instances ran at half the load of one alone, which costs more per
+    # turn by itself. Their cost at full load: the instance of N=1 (full load,
+    # behind HAProxy) times what a second instance adds at equal load.
     c_half = t["alone_half"]["cpu_ms_per_turn"]["server"]
-    c_full = t["cluster1"]["cpu_ms_per_turn"]["instance0"]
-    c_b_n1 = t["cluster1"]["cpu_ms_per_turn"]["haproxy"]
+    c_n1 = t["cluster1"]["cpu_ms_per_turn"]["instance0"]
+    c_full = c_n1 * c_i / c_half
     res["inputs"] = {"c_1": c_1, "c_i": c_i, "c_b": c_b, "c_b_over_c_i": c_b / c_i}
-    res["inputs"] |= {"c_1_at_n2_load": c_half, "c_i_n1": c_full, "c_b_n1": c_b_n1}
+    res["inputs"] |= {"c_1_at_n2_load": c_half, "c_i_n1": c_n1, "c_i_full_load": c_full}
     res["model"] = model(c_1, c_i, c_b, [1, 2, 4, 8, 16])
-    res["model_full_load"] = model(c_1, c_full, c_b_n1, [1, 2, 4, 8, 16])
+    res["model_full_load"] = model(c_1, c_full, c_b, [1, 2, 4, 8, 16])
     print(
         f"\ninputs: alone {c_1:.3f} ms/turn; N=2 instances {c_i:.3f}; HAProxy {c_b:.3f} "
         f"({c_b / c_i:.1%} of an instance's)\n"
-        f"alone at the load of an N=2 instance: {c_half:.3f} ms/turn; "
-        f"N=1 behind HAProxy: instance {c_full:.3f}, HAProxy {c_b_n1:.3f} "
-        f"(model at full load: {model(c_1, c_full, c_b_n1, [16])[0]['scaling'] / 16:.2f} N)"
+        f"one alone at an N=2 instance's load: {c_half:.3f} ms/turn (a second instance adds "
+        f"{c_i / c_half - 1:+.1%}); N=1 behind HAProxy: {c_n1:.3f}; so an instance of N=2 at "
+        f"full load: {c_full:.3f} ms/turn, HAProxy {c_b / c_full:.1%} of it"
     )
-    for row in res["model"]:
-        print(
-            f"model: {row['cores']:2} cores, {row['instances']:2} instances: "
-            f"{row['turns_per_s']:8.0f} turns/s = {row['scaling']:.2f} x one instance "
-            f"({row['scaling'] / row['instances']:.2f} N)"
-        )
+    for label, rows in (("as measured", res["model"]), ("at full load", res["model_full_load"])):
+        for row in rows:
+            print(
+                f"model {label}: {row['cores']:2} cores, {row['instances']:2} instances: "
+                f"{row['turns_per_s']:8.0f} turns/s = {row['scaling']:.2f} x one instance "
+                f"({row['scaling'] / row['instances']:.2f} N)"
+            )
     ratio = t["cluster2"]["turns_per_s"] / t["cluster1"]["turns_per_s"]
     print(f"measured here (2 cores, shared with backend and clients): N=2/N=1 = {ratio:.2f}")
     res["measured_n2_over_n1"] = ratio
-    worst = min(row["scaling"] / row["instances"] for row in res["model"])
-    targets = [
-        {
-            "target": "HAProxy CPU per turn <= 15% of an instance's",
-            "value": c_b / c_i,
-            "met": c_b / c_i <= 0.15,
-        },
-        {
-            "target": "modelled scaling >= 0.85 x N up to 16 cores",
-            "value": worst,
-            "met": worst >= 0.85,
-        },
-    ]
+    targets = []
+    for label, c, rows in (
+        ("N=2 as measured", c_i, res["model"]),
+        ("N=2 at full load", c_full, res["model_full_load"]),
+    ):
+        worst = min(row["scaling"] / row["instances"] for row in rows)
+        targets += [
+            {
+                "target": f"HAProxy CPU per turn <= 15% of an instance's ({label})",
+                "value": c_b / c,
+                "met": c_b / c <= 0.15,
+            },
+            {
+                "target": f"modelled scaling >= 0.85 x N up to 16 cores ({label})",
+                "value": worst,
+                "met": worst >= 0.85,
+            },
+        ]
     finish(res, targets, a.json)
 
 
