@@ -28,6 +28,7 @@ setup(
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     ),
     package_data={
+        "rollout_sessions": ["*.pyi"],
         "rollout_sessions.registry": ["*.pxd", "*.pyi", "includes/*.pxd", "includes/*.h"],
         "rollout_sessions.testing": ["templates/*.jinja"],
     },
