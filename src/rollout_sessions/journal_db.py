@@ -6,7 +6,8 @@ lock file. Tables: ``meta`` (the registry's secrets, the mint reservation),
 turn's ``store.TurnWrite``: a small JSON head, the rest of the request, the
 new messages framed, the token suffix, the zstd answer, the float32
 logprobs) and ``deleted`` (the tombstone ring's deleted foreign ids, by slot).
-Two triggers on ``turns`` make a recorded turn one statement (see ``_SCHEMA``).
+Two triggers on ``turns`` make a recorded turn one statement, and one on
+``sessions`` a forgotten session (see ``_SCHEMA``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ BEGIN
     UPDATE sessions SET touched = (julianday('now') - 2440587.5) * 86400.0
     WHERE key = NEW.key;
 END;
+-- Deleting (or expiring) a session is one statement too: its turns go with
+-- its row. (An INSERT OR REPLACE of a row does not fire it: recursive
+-- triggers are off, and a live session's row is never replaced.)
+CREATE TRIGGER IF NOT EXISTS session_forgotten AFTER DELETE ON sessions
+BEGIN
+    DELETE FROM turns WHERE key = OLD.key;
+END;
 """
 
 
@@ -92,7 +100,7 @@ def api_error(exc: sqlite3.Error) -> errors.ApiError:
 
 
 def forget(conn: sqlite3.Connection, key: bytes) -> None:
-    conn.execute("DELETE FROM turns WHERE key = ?", (key,))
+    """A session and its turns, gone (the trigger ``session_forgotten``)."""
     conn.execute("DELETE FROM sessions WHERE key = ?", (key,))
 
 
