@@ -16,6 +16,11 @@ JSON line (and a human line on stderr):
     python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
         --concurrency 64 --duration 10 [--keep --sessions 500]
 
+    # the same sessions in an open loop: 30 arriving per second, whatever the
+    # server's speed (--concurrency caps those in flight)
+    python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
+        --rate 30 --concurrency 1024 --duration 10
+
 Every client holds one keep-alive connection (``httpload.HttpClient``), runs on uvloop,
 and times each request with ``perf_counter_ns``. Requests that finish during
 the warm-up are not counted. Only loopback targets are accepted.
