@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import RESULTS, finish  # noqa: E402
+from loadgen import tool_result  # noqa: E402
 
 from rollout_sessions.testing.tokenizers import build_tokenizer  # noqa: E402
 from rollout_sessions.tito import Tito  # noqa: E402
@@ -60,7 +61,7 @@ def timed(fn, repeats: int) -> float:
 def workload_encode(merges: int, words: int, repeats: int) -> dict[str, tuple[int, float]]:
     """Tokens and median ms of ``Tito.encode`` of the realistic workload's tool
     result (the words ``loadgen.py realistic`` sends), per tokenizer family."""
-    text = " ".join(f"t{i % 991}" for i in range(words))
+    text = tool_result(words)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("qwen3", "glm47"):

@@ -237,7 +237,8 @@ async def _realistic_session(
         rec.error(str(e))
 
 
-def _tool_result(words: int) -> str:
+def tool_result(words: int) -> str:
+    """The realistic workload's tool result: ``words`` made-up words."""
     return " ".join(f"t{i % 991}" for i in range(words))
 
 
@@ -247,7 +248,7 @@ async def _realistic_client(
     """Closed loop: one client running sessions back to back."""
     client = HttpClient.for_url(url, timeout=300.0)
     ns = time.perf_counter_ns
-    tool = _tool_result(a.tool_words)
+    tool = tool_result(a.tool_words)
     try:
         while budget[0] > 0 and ns() < rec.t_stop and sessions[0] > 0:
             sessions[0] -= 1
@@ -267,7 +268,7 @@ async def _realistic_open(
     load is then above what the server keeps up with."""
     ns = time.perf_counter_ns
     rng = random.Random(20261127)
-    tool = _tool_result(a.tool_words)
+    tool = tool_result(a.tool_words)
     idle: list[HttpClient] = []
     everyone: list[HttpClient] = []
     running: set[asyncio.Task] = set()

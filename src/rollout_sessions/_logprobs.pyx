@@ -45,9 +45,10 @@ def read_pairs(bytes text, Py_ssize_t n, long long max_id):
     cdef array ids = clone(_IDS, n, False)
     cdef array logprobs = clone(_LOGPROBS, n, False)
     for k in range(n):
-        if k and s[at] != b",":
-            return None
-        at += 1 if k else 0
+        if k:  # the separator before every entry but the first
+            if s[at] != b",":
+                return None
+            at += 1
         if s[at] != b"[":
             return None
         # The logprob: a JSON number, as float() reads it.
