@@ -32,6 +32,10 @@ EXPECTED = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME}
 APPLICATION_ID = 0x52534A31  # "RSJ1": this is our journal, not another SQLite file
 SCHEMA_VERSION = 1
 KINDS = {"minted": 0, "by_id": 1, "auto": 2}
+# The WAL file is cut back to this when it starts over after a checkpoint...
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
+# ...and the writer checkpoints by itself past this many pages (64 MiB of 4 KiB).
+WAL_AUTOCHECKPOINT_PAGES = 16_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -200,6 +204,18 @@ def lock_dir(directory: Path) -> Any:
     return handle
 
 
+def checkpoint_connection(path: Path, sync: str) -> sqlite3.Connection:
+    """A second connection to an open journal, for checkpoints only (they sync
+    as its ``synchronous`` says, so it matches the writer's)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA synchronous = {_synchronous(sync)}")
+    return conn
+
+
+def _synchronous(sync: str) -> str:
+    return "FULL" if sync == "full" else "NORMAL"
+
+
 def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
     fresh = not path.exists() or path.stat().st_size == 0
     try:
@@ -222,11 +238,14 @@ def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
             )
         if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise JournalError(f"{path}: cannot switch to WAL mode")
-        conn.execute(f"PRAGMA synchronous = {'FULL' if sync == 'full' else 'NORMAL'}")
+        conn.execute(f"PRAGMA synchronous = {_synchronous(sync)}")
         # Freed pages need not be zeroed (some builds do by default), and a
         # longer WAL between checkpoints writes each page back less often.
         conn.execute("PRAGMA secure_delete = OFF")
-        conn.execute("PRAGMA wal_autocheckpoint = 8000")
+        # The checkpointer thread copies the WAL; the writer's own automatic
+        # checkpoint is the safety net if it falls far behind.
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         if max_bytes is not None:
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {max(16, max_bytes // page)}")

@@ -1,0 +1,73 @@
+"""The checkpointer: under writes that never pause, the WAL stays bounded
+without the writer ever checkpointing (and so without stopping for it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from rollout_sessions import journal, journal_db
+from rollout_sessions.journal_db import DB_NAME, open_db
+
+KEY = b"k" * 16
+WRITE_TURN = "INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+BLOB = os.urandom(64 * 1024)  # incompressible, like the journal's answers
+COMMITS = 400  # ~26 MiB through the WAL
+
+
+def wal_bytes(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def write_continuously(path: Path, checkpointer: journal.Checkpointer | None) -> int:
+    """Commit ``COMMITS`` turns, one every millisecond or so; the largest WAL size seen."""
+    conn = open_db(path, "normal", None)
+    with conn:
+        conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (KEY, "sid", 2, 1.0))
+    if checkpointer is not None:
+        checkpointer.start()
+    largest = 0
+    try:
+        for i in range(COMMITS):
+            with conn:  # a turn that replaces the last: the database stays small
+                conn.execute(WRITE_TURN, (KEY, 0, b"h", b"r", BLOB, b"s", str(i).encode(), b"l"))
+            largest = max(largest, wal_bytes(path))
+            time.sleep(0.001)  # the writer waits for the next batch
+    finally:
+        if checkpointer is not None:
+            checkpointer.stop()
+    answer = conn.execute("SELECT answer FROM turns WHERE key = ?", (KEY,)).fetchone()[0]
+    assert answer == str(COMMITS - 1).encode()  # every commit kept, the last one last
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+    return largest
+
+
+@pytest.fixture
+def small_wal(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A 1 MiB WAL limit, checkpoints every 20 ms, the writer's own automatic
+    checkpoint out of reach: what keeps the WAL short is the checkpointer."""
+    limit = 1 << 20
+    monkeypatch.setattr(journal_db, "WAL_LIMIT_BYTES", limit)
+    monkeypatch.setattr(journal_db, "WAL_AUTOCHECKPOINT_PAGES", 1 << 30)
+    monkeypatch.setattr(journal, "CHECKPOINT_EVERY_S", 0.02)
+    return limit
+
+
+def test_without_a_checkpointer_the_wal_keeps_growing(tmp_path: Path, small_wal: int) -> None:
+    largest = write_continuously(tmp_path / DB_NAME, None)
+    assert largest > COMMITS * len(BLOB)  # the baseline the next test must beat
+
+
+def test_the_checkpointer_keeps_the_wal_bounded_under_continuous_writes(
+    tmp_path: Path, small_wal: int
+) -> None:
+    path = tmp_path / DB_NAME
+    largest = write_continuously(path, journal.Checkpointer(path, "normal"))
+    # Cut back to the limit each time it starts over; between two checkpoints
+    # it grows by what is written meanwhile (a few MiB here at most).
+    assert largest < COMMITS * len(BLOB) // 4, largest
