@@ -21,8 +21,7 @@ lost even then, at the cost of an fsync per batch.
 
 Disk. Deleting or expiring a session deletes its rows; freed pages go back
 to the filesystem (``auto_vacuum=INCREMENTAL`` plus periodic incremental
-vacuum; the WAL file is truncated once writes pause, and cut back to
-``WAL_LIMIT_BYTES`` each time it starts over while they go on).
+vacuum; the WAL file emptied once writes pause).
 ``JOURNAL_MAX_BYTES`` caps the database; a write past the cap, or on a full
 disk, fails with 507 and changes nothing.
 
@@ -297,11 +296,10 @@ class Journal:
         last_maintenance = time.monotonic()
         closing = False
         while not closing:
-            idle = False
             try:
                 got = self._queue.get(timeout=MAINTENANCE_EVERY_S)
             except queue.Empty:
-                got, idle = [], True
+                got = []
             batch: list[_Op] = []
             while got is not None:
                 batch += got
@@ -316,7 +314,7 @@ class Journal:
                 self._commit(batch)
             if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S and not closing:
                 last_maintenance = time.monotonic()
-                self._maintain(idle)
+                self._maintain()
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self._conn
@@ -337,34 +335,28 @@ class Journal:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._loop.call_soon_threadsafe(_resolve, results)
 
-    def _maintain(self, idle: bool) -> None:
-        """Give freed pages back to the filesystem; when idle, empty the WAL file too.
-
-        A truncating checkpoint holds off every write while it copies and
-        syncs (20-30 ms under realistic load), so it runs only when nothing
-        has been written for ``MAINTENANCE_EVERY_S``; under load the
-        checkpointer thread copies the WAL without stopping this one.
-        """
+    def _maintain(self) -> None:
+        """Give freed pages back to the filesystem (the WAL is the checkpointer's)."""
         try:
             conn = self._conn
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             if free > 256:
                 # As a script: run to the end (one execute() step frees one page).
                 conn.executescript("PRAGMA incremental_vacuum;")
-            if idle:
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error as exc:
             log.warning("journal maintenance failed: %s", exc)
 
 
 class Checkpointer:
-    """Copies the WAL into the database on a thread and connection of its own.
+    """Copies the WAL into the database on a thread and connection of its own,
+    every ``CHECKPOINT_EVERY_S``.
 
-    A passive checkpoint never waits for the writer, nor the writer for it:
-    turns keep committing while pages are copied and synced. Once a
-    checkpoint has copied every frame, the writer's next transaction starts
-    the WAL file over, cut to ``WAL_LIMIT_BYTES`` (``journal_size_limit``):
-    under load the WAL stays bounded without a truncating checkpoint.
+    A truncating checkpoint alone holds every write off while it copies and
+    syncs (20-30 ms every 2 s under realistic load, when the writer did it).
+    Here passive checkpoints copy the bulk while turns keep committing, and a
+    restarting one then holds the writer only for what is left, so that the
+    WAL file starts over (cut to ``WAL_LIMIT_BYTES``). Once nothing has been
+    written for a whole period, the file is emptied.
     """
 
     def __init__(self, path: Path, sync: str) -> None:
@@ -384,30 +376,40 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn = checkpoint_connection(self._path, self._sync)
+        version = None
         try:
             while not self._stop.wait(CHECKPOINT_EVERY_S):
-                self.checkpoint(conn)
+                version = self.checkpoint(conn, version)
         finally:
             conn.close()
 
     @staticmethod
-    def checkpoint(conn: sqlite3.Connection) -> None:
-        """Copy the WAL without stopping the writer, then start it over.
+    def checkpoint(conn: sqlite3.Connection, last_version: int | None) -> int | None:
+        """Copy the WAL without stopping the writer, then start it over; the
+        database's ``data_version`` to pass to the next call.
 
         Passive checkpoints copy the bulk while the writer goes on (a few
         tries: it appends meanwhile, less each time). A writer that never
         pauses would keep the last frames uncopied and the WAL growing, so a
-        restarting checkpoint then holds writes off for what is left: a few
-        frames and the syncs, not the whole copy.
+        restarting checkpoint then holds writes off for what is left (a few
+        frames and the syncs), not for the whole copy. When nothing was
+        committed since the last call, the file is emptied instead (holding
+        off no one: there is nothing to copy).
         """
         try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version == last_version:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                return version
             for _ in range(CHECKPOINT_TRIES):
                 busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 if busy or copied >= frames:
                     break
             conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            return version
         except sqlite3.Error as exc:
             log.warning("journal checkpoint failed: %s", exc)
+            return None
 
 
 def _resolve(results: list[tuple[_Op, Any, BaseException | None]]) -> None:

@@ -32,10 +32,11 @@ EXPECTED = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME}
 APPLICATION_ID = 0x52534A31  # "RSJ1": this is our journal, not another SQLite file
 SCHEMA_VERSION = 1
 KINDS = {"minted": 0, "by_id": 1, "auto": 2}
-# The WAL file is cut back to this when it starts over after a checkpoint...
-WAL_LIMIT_BYTES = 16 * 1024 * 1024
-# ...and the writer checkpoints by itself past this many pages (64 MiB of 4 KiB).
+# Should the checkpointer fall behind: the writer checkpoints by itself past
+# this many WAL pages (64 MiB of 4 KiB), and the WAL file is cut back to
+# WAL_LIMIT_BYTES whenever it starts over.
 WAL_AUTOCHECKPOINT_PAGES = 16_000
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
@@ -242,8 +243,6 @@ def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
         # Freed pages need not be zeroed (some builds do by default), and a
         # longer WAL between checkpoints writes each page back less often.
         conn.execute("PRAGMA secure_delete = OFF")
-        # The checkpointer thread copies the WAL; the writer's own automatic
-        # checkpoint is the safety net if it falls far behind.
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         if max_bytes is not None:

@@ -71,3 +71,25 @@ def test_the_checkpointer_keeps_the_wal_bounded_under_continuous_writes(
     # Cut back to the limit each time it starts over; between two checkpoints
     # it grows by what is written meanwhile (a few MiB here at most).
     assert largest < COMMITS * len(BLOB) // 4, largest
+
+
+def test_once_writes_pause_the_wal_file_is_emptied(tmp_path: Path, small_wal: int) -> None:
+    path = tmp_path / DB_NAME
+    conn = open_db(path, "normal", None)
+    with conn:
+        conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (KEY, "sid", 2, 1.0))
+    checkpointer = journal.Checkpointer(path, "normal")
+    checkpointer.start()
+    try:
+        for i in range(8):
+            with conn:
+                conn.execute(WRITE_TURN, (KEY, i, b"h", b"r", BLOB, b"s", b"a", b"l"))
+        assert wal_bytes(path) > 0
+        deadline = time.monotonic() + 5
+        while wal_bytes(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wal_bytes(path) == 0  # given back to the filesystem, not kept for reuse
+    finally:
+        checkpointer.stop()
+    assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 8
+    conn.close()
