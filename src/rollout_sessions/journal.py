@@ -72,6 +72,11 @@ __all__ = ["Journal", "JournalError", "Restored"]
 log = logging.getLogger("rollout_sessions")
 
 MAX_BATCH = 512  # operations committed in one transaction at most
+# Group commit under load: after a commit of at least LINGER_AFTER writes, a
+# batch of fewer than LINGER_UNTIL waits up to LINGER_S for more (_gather).
+LINGER_AFTER = 8
+LINGER_UNTIL = 64
+LINGER_S = 0.0002
 MAINTENANCE_EVERY_S = 2.0
 # How often the checkpointer copies the WAL into the database, and how many
 # times in a row it tries to catch up with a writer that keeps appending.
@@ -295,26 +300,46 @@ class Journal:
     def _run(self) -> None:
         last_maintenance = time.monotonic()
         closing = False
+        previous = 0  # operations in the last commit
         while not closing:
             try:
                 got = self._queue.get(timeout=MAINTENANCE_EVERY_S)
             except queue.Empty:
                 got = []
-            batch: list[_Op] = []
-            while got is not None:
-                batch += got
-                if len(batch) >= MAX_BATCH:
-                    break
-                try:
-                    got = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            closing = got is None
+            batch, closing = self._gather(got, linger=previous >= LINGER_AFTER)
             if batch:
                 self._commit(batch)
+            previous = len(batch)
             if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S and not closing:
                 last_maintenance = time.monotonic()
                 self._maintain()
+
+    def _gather(self, got: list[_Op] | None, linger: bool) -> tuple[list[_Op], bool]:
+        """``got`` and what else is queued, up to ``MAX_BATCH``; whether to close.
+
+        With ``linger`` (the last commit was a large group: many writers), a
+        batch still under ``LINGER_UNTIL`` waits once, at most ``LINGER_S``,
+        for the next loop pass's writes. Fewer, larger commits cost less per
+        write, on this thread and on the event loop (fewer wake-ups, fuller
+        passes): +9-19% sessions/s on the lifecycle benchmark. A lone client
+        (commits of one) never waits.
+        """
+        batch: list[_Op] = []
+        while got is not None:
+            batch += got
+            if len(batch) >= MAX_BATCH:
+                break
+            try:
+                got = self._queue.get_nowait()
+            except queue.Empty:
+                if not linger or not batch or len(batch) >= LINGER_UNTIL:
+                    break
+                linger = False
+                try:
+                    got = self._queue.get(timeout=LINGER_S)
+                except queue.Empty:
+                    break
+        return batch, got is None
 
     def _commit(self, batch: list[_Op]) -> None:
         conn = self._conn
