@@ -400,7 +400,12 @@ class Checkpointer:
             self._thread.join()
 
     def _run(self) -> None:
-        conn = checkpoint_connection(self._path, self._sync)
+        try:
+            conn = checkpoint_connection(self._path, self._sync)
+        except sqlite3.Error as exc:
+            # The writer's own automatic checkpoints keep the WAL bounded.
+            log.error("journal checkpointer not started: %s", exc)
+            return
         version = None
         try:
             while not self._stop.wait(CHECKPOINT_EVERY_S):

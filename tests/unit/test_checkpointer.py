@@ -1,5 +1,6 @@
-"""The checkpointer: under writes that never pause, the WAL stays bounded
-without the writer ever checkpointing (and so without stopping for it)."""
+"""The checkpointer: under continuous writes (a commit every millisecond or
+so) the WAL stays bounded without the writer ever checkpointing (and so
+without stopping for it); once writes pause, the WAL file is emptied."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ def ops(n: int) -> list[_Op]:
 
 
 @pytest.fixture
-def jrn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Journal:
+def jrn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Journal]:
     monkeypatch.setattr(journal, "LINGER_S", 2.0)  # long: a wait shows, a skipped one too
     j = Journal(tmp_path)
     yield j
