@@ -92,6 +92,25 @@ def test_kill_9_loses_nothing_answered(tmp_path: Path) -> None:
         again.cleanup()
 
 
+def test_the_stricter_sync_keeps_turns_and_checkpoints_too(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    srv = start(data, "--journal-sync", "full")
+    sid = srv.post("/sessions").json()["session_id"]
+    converse(srv, sid, 3)
+    before = srv.get(f"/sessions/{sid}").json()
+    wal = data / "journal.sqlite3-wal"
+    deadline = time.monotonic() + 10
+    while wal.stat().st_size and time.monotonic() < deadline:
+        time.sleep(0.2)  # writes paused: the checkpointer empties the WAL
+    assert wal.stat().st_size == 0
+    killed(srv)
+    again = start(data)
+    try:
+        assert again.get(f"/sessions/{sid}").json() == before
+    finally:
+        again.cleanup()
+
+
 def test_a_retried_turn_replaces_the_last_one_on_disk(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data)
