@@ -5,16 +5,16 @@ without stopping for it); once writes pause, the WAL file is emptied."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
+from test_journal_db import KEY, WRITE_TURN
 
 from rollout_sessions import journal, journal_db
 from rollout_sessions.journal_db import DB_NAME, open_db
 
-KEY = b"k" * 16
-WRITE_TURN = "INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 BLOB = os.urandom(64 * 1024)  # incompressible, like the journal's answers
 COMMITS = 400  # ~26 MiB through the WAL
 
@@ -24,11 +24,17 @@ def wal_bytes(path: Path) -> int:
     return wal.stat().st_size if wal.exists() else 0
 
 
-def write_continuously(path: Path, checkpointer: journal.Checkpointer | None) -> int:
-    """Commit ``COMMITS`` turns, one every millisecond or so; the largest WAL size seen."""
+def journal_with_a_session(path: Path) -> sqlite3.Connection:
+    """A fresh journal holding the row of session ``KEY``, for its turns."""
     conn = open_db(path, "normal", None)
     with conn:
         conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (KEY, "sid", 2, 1.0))
+    return conn
+
+
+def write_continuously(path: Path, checkpointer: journal.Checkpointer | None) -> int:
+    """Commit ``COMMITS`` turns, one every millisecond or so; the largest WAL size seen."""
+    conn = journal_with_a_session(path)
     if checkpointer is not None:
         checkpointer.start()
     largest = 0
@@ -76,9 +82,7 @@ def test_the_checkpointer_keeps_the_wal_bounded_under_continuous_writes(
 
 def test_once_writes_pause_the_wal_file_is_emptied(tmp_path: Path, small_wal: int) -> None:
     path = tmp_path / DB_NAME
-    conn = open_db(path, "normal", None)
-    with conn:
-        conn.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (KEY, "sid", 2, 1.0))
+    conn = journal_with_a_session(path)
     checkpointer = journal.Checkpointer(path, "normal")
     checkpointer.start()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +23,7 @@ def jrn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Journal]:
     monkeypatch.setattr(journal, "LINGER_S", 3.0)  # long: a wait shows, a skipped one too
     j = Journal(tmp_path)
     yield j
-    j._conn.close()
-    j._lock_file.close()
+    asyncio.run(j.close())  # never started: closes the database and the lock
 
 
 def put_later(j: Journal, batch: list[_Op] | None, delay: float = 0.3) -> threading.Timer:
