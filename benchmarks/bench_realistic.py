@@ -17,6 +17,11 @@ of 8 turns that are never deleted.
     .venv/bin/python benchmarks/bench_realistic.py --concurrency 16,64,256 --duration 8 \\
         --rounds 3 --keep-sessions 300
 
+``--targets ours,ours_nojournal,reference,floor`` adds ``floor``: the same
+turns sent through the generic forwarding route of ``serve --no-journal``
+(nothing recorded, the final GET empty), i.e. what uvicorn, BlackSheep and
+aiohttp cost per turn before the server does any work of its own.
+
 ``--rates 20,30`` adds open-loop rounds: sessions arrive at that rate
 (Poisson, the same seeded sequence for every server) whatever the server's
 speed, so a latency difference is the server's own and not the queue of a
@@ -85,15 +90,23 @@ def load_args(url: str, a: argparse.Namespace, c: int, duration: float, *extra: 
     return [*args, "--warmup", "0", *extra]
 
 
-def one_round(proc: psutil.Process, url: str, a: argparse.Namespace, load: str) -> dict[str, Any]:
+# The load generator's extra arguments for a target: `floor` sends the same
+# turns through the generic forwarding route (served by `serve --no-journal`),
+# so its CPU per turn is what the HTTP stack costs with no session work.
+LOAD_EXTRA = {"floor": ("--forwarded",)}
+
+
+def one_round(
+    proc: psutil.Process, url: str, a: argparse.Namespace, load: str, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """One round at ``load``: a client count (closed loop) or ``rate<R>`` (open loop,
     R sessions arriving per second)."""
     before = cpu_seconds(proc)
     if load.startswith("rate"):
         rate = ("--rate", load.removeprefix("rate"))
-        out = run_loadgen(*load_args(url, a, OPEN_LOOP_CAP, a.duration, *rate))
+        out = run_loadgen(*load_args(url, a, OPEN_LOOP_CAP, a.duration, *rate, *extra))
     else:
-        out = run_loadgen(*load_args(url, a, int(load), a.duration))
+        out = run_loadgen(*load_args(url, a, int(load), a.duration, *extra))
     cpu = cpu_seconds(proc) - before
     turns = max(1, out["units"])
     lat = out["latency_ms"].get("turn", {})
@@ -117,7 +130,7 @@ def throughput(servers: dict[str, tuple[psutil.Process, str]], a: argparse.Names
             order = list(servers) if r % 2 == 0 else list(reversed(servers))
             for name in order:
                 proc, url = servers[name]
-                runs[name].append(one_round(proc, url, a, c))
+                runs[name].append(one_round(proc, url, a, c, LOAD_EXTRA.get(name, ())))
         out[c] = {
             name: {
                 key: median([x[key] for x in rs])
@@ -171,11 +184,13 @@ def memory(name: str, argv: Any, a: argparse.Namespace) -> dict[str, Any]:
 
 def server_argvs(up: str, a: argparse.Namespace) -> dict[str, Any]:
     """The targets: our server as configured by default (journal on), without the
-    journal, with token-in token-out, and the FastAPI reference."""
+    journal, with token-in token-out, the FastAPI reference, and ``floor``
+    (``LOAD_EXTRA``)."""
     argvs: dict[str, Any] = {
         "ours": ours_argv(up),
         "ours_nojournal": ours_argv(up, "--no-journal"),
         "reference": lambda port: reference_argv(port, up),
+        "floor": ours_argv(up, "--no-journal"),
     }
     if a.tokenizer:
         argvs["ours_tito"] = ours_argv(up, "--tokenizer", a.tokenizer, "--tito-model", "qwen3")
@@ -216,7 +231,9 @@ def main() -> None:
                 servers[name] = (psutil.Process(proc.pid), proc.url)
             res["throughput"] = throughput(servers, a)
         if not a.no_memory:
-            res["memory"] = {name: memory(name, argv, a) for name, argv in argvs.items()}
+            res["memory"] = {
+                name: memory(name, argv, a) for name, argv in argvs.items() if name != "floor"
+            }
     targets = []
     for c, row in res["throughput"].items():
         at = f"c={c}" if c.isdigit() else f"{c.removeprefix('rate')} sessions/s"

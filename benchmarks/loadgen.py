@@ -16,6 +16,10 @@ JSON line (and a human line on stderr):
     python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
         --concurrency 64 --duration 10 [--keep --sessions 500]
 
+    # the same bytes through the generic forwarding route (no session work):
+    # what the HTTP stack alone costs per turn
+    python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 --forwarded
+
     # the same sessions in an open loop: 30 arriving per second, whatever the
     # server's speed (--concurrency caps those in flight)
     python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
@@ -55,6 +59,10 @@ from rollout_sessions.testing.client import (  # noqa: E402
     first_messages,
     next_messages,
 )
+
+# A route the realistic backend answers as chat, and that the server's chat
+# route does not match: turns sent there take the generic forwarding route.
+FORWARDED_CHAT = "v1/forwarded/chat/completions"
 
 
 @dataclass
@@ -210,7 +218,7 @@ async def _realistic_session(
         if status != 200:
             rec.error(f"create: {status}")
             return
-        path = chat_path(sid)
+        path = f"/sessions/{sid}/{FORWARDED_CHAT}" if a.forwarded else chat_path(sid)
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": "You are an agent."},
             {"role": "user", "content": "solve " + tool},
@@ -365,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--keep", action="store_true", help="never GET or DELETE (memory study)")
             s.add_argument("--ids-out", help="with --keep: append each kept session's id here")
+            s.add_argument(
+                "--forwarded",
+                action="store_true",
+                help=f"send the turns through the generic forwarding route ({FORWARDED_CHAT}, "
+                "which the realistic backend answers as chat): the same bytes, no session work",
+            )
             s.add_argument(
                 "--rate",
                 type=float,

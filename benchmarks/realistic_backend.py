@@ -108,6 +108,9 @@ def main() -> None:
     backend = Backend(args.completion_words)
     app = web.Application(client_max_size=1 << 28)
     app.router.add_post("/v1/chat/completions", backend.chat)
+    # The same answers on a route that a session server forwards as-is
+    # (loadgen.py realistic --forwarded): what its HTTP stack costs alone.
+    app.router.add_post("/v1/forwarded/chat/completions", backend.chat)
     app.router.add_get("/health", backend.health)
     uvloop.install()
     # A listen queue like an inference server's (uvicorn: 2048), not aiohttp's
