@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from blacksheep import Content, Request, Response
+from blacksheep import Request, Response
 
 from rollout_sessions import errors
 from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
@@ -52,7 +52,14 @@ from rollout_sessions.session import Session
 from rollout_sessions.store import cut_prompt_ids, ids_json
 from rollout_sessions.trajectory import Plan, plan_turn
 from rollout_sessions.upstream import Answer
-from rollout_sessions.web import JSON_TYPE, id_checked, parse_json, query_string, read_body
+from rollout_sessions.web import (
+    JSON_TYPE,
+    id_checked,
+    parse_json,
+    query_string,
+    read_body,
+    whole,
+)
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
@@ -335,9 +342,9 @@ def _client_answer(turn: ChatRequest, parsed: ParsedAnswer) -> Response:
     unless a routing-replay payload must go or the client asked for a stream."""
     if turn.stream:
         response = _without_replay(parsed.response)
-        return Response(200, list(_SSE_HEADERS), Content(SSE_TYPE, sse_body(response)))
+        return Response(200, list(_SSE_HEADERS), whole(SSE_TYPE, sse_body(response)))
     body = orjson.dumps(_without_replay(parsed.response)) if parsed.replay else parsed.raw
-    return Response(200, None, Content(JSON_TYPE, body))
+    return Response(200, None, whole(JSON_TYPE, body))
 
 
 def _without_replay(response: dict[str, Any]) -> dict[str, Any]:

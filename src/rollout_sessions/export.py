@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-from blacksheep import Application, Content, Request, Response
+from blacksheep import Application, Request, Response
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 from safetensors.numpy import save
 
@@ -33,7 +33,7 @@ from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
 from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
-from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body
+from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body, whole
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
@@ -121,9 +121,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         arrays, meta = sample(sid, traj, max_seq_len, logprobs)
         if _wants_json(request):
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
-            return Response(200, None, Content(JSON_TYPE, body))
+            return Response(200, None, whole(JSON_TYPE, body))
         text_meta = {k: v if type(v) is str else orjson.dumps(v).decode() for k, v in meta.items()}
-        return Response(200, None, Content(SAFETENSORS_TYPE, save(arrays, metadata=text_meta)))
+        return Response(200, None, whole(SAFETENSORS_TYPE, save(arrays, metadata=text_meta)))
 
     ep = document(
         docs,

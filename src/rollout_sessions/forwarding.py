@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from blacksheep import Application, Content, Request, Response, StreamedContent
+from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions import errors
@@ -24,7 +24,14 @@ from rollout_sessions.openapi import ID_PARAM, PATH_PARAM, document
 from rollout_sessions.registry import validate_id
 from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
 from rollout_sessions.upstream import HOP_BY_HOP, Answer
-from rollout_sessions.web import endpoint, head_answer, id_checked, query_string, read_body
+from rollout_sessions.web import (
+    endpoint,
+    head_answer,
+    id_checked,
+    query_string,
+    read_body,
+    whole,
+)
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
@@ -68,7 +75,7 @@ def passthrough(answer: Answer) -> Response:
     content_type, headers = _answer_headers(answer)
     if answer.status in (204, 304) or answer.status < 200:
         return Response(answer.status, headers, None)
-    return Response(answer.status, headers, Content(content_type, answer.body))
+    return Response(answer.status, headers, whole(content_type, answer.body))
 
 
 def safe_subpath(raw: str) -> str | None:

@@ -108,10 +108,26 @@ def _keep(model: Model, messages: list[dict]) -> int:
 def _check(traj: Trajectory, model: Model) -> None:
     assert traj.num_turns == len(model.records)
     for k, (request, response) in enumerate(model.records):
-        record = orjson.loads(traj.record(k, "/v1/chat/completions"))
+        text = traj.record(k, "/v1/chat/completions")
+        record = orjson.loads(text)
+        assert list(record) == [
+            "timestamp",
+            "request_timestamp",
+            "method",
+            "path",
+            "status_code",
+            "request",
+            "response",
+        ]
         assert record["request"] == request
         assert record["response"] == response
         assert (record["method"], record["status_code"]) == ("POST", 200)
+        assert record["path"] == "/v1/chat/completions"
+        turn = traj.turns[k]
+        assert (record["timestamp"], record["request_timestamp"]) == (
+            turn.timestamp,
+            turn.request_timestamp,
+        )
         assert traj.checkpoint(k + 1).tolist() == model.checkpoints[k]
     assert traj.tokens.tolist() == model.checkpoints[-1]
     tokens, mask, logprobs, spans = traj.sample_arrays()
