@@ -12,10 +12,11 @@ import aiohttp
 import pytest
 import uvicorn
 from blacksheep import Request
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rollout_sessions._aiohttp import StrictResponseHandler, strict_connector
 from rollout_sessions._blacksheep import all_routes, document_without_binders, raw_path
-from rollout_sessions._uvicorn import GuardedHttpToolsProtocol, guarded_protocol
+from rollout_sessions._uvicorn import BATCH_BYTES, GuardedHttpToolsProtocol, guarded_protocol
 
 # --- BlackSheep --------------------------------------------------------------------------
 
@@ -130,13 +131,13 @@ async def _app(scope: dict, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _run_uvicorn(protocol: type, check: Any) -> Any:
+def _run_uvicorn(protocol: type, check: Any, app: Any = _app) -> Any:
     async def main() -> Any:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         config = uvicorn.Config(
-            _app, port=port, http=protocol, lifespan="off", log_config=None, access_log=False
+            app, port=port, http=protocol, lifespan="off", log_config=None, access_log=False
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
@@ -207,3 +208,99 @@ def test_a_head_over_the_limit_is_refused(size: int):
         return data
 
     assert _run_uvicorn(GuardedHttpToolsProtocol, check).startswith(b"HTTP/1.1 400")
+
+
+class _CountedTransport:
+    """A transport that records each call that hands it bytes."""
+
+    def __init__(self, transport: asyncio.Transport, calls: list[list[bytes]]) -> None:
+        self._transport = transport
+        self._calls = calls
+
+    def write(self, data: bytes) -> None:
+        self._calls.append([bytes(data)])
+        self._transport.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self._calls.append([bytes(d) for d in data])
+        self._transport.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _counting(base: type, calls: list[list[bytes]]) -> type:
+    class Counting(base):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(_CountedTransport(transport, calls))
+
+    return Counting
+
+
+async def _get(port: int, target: bytes = b"/") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    data, _ = await _read_until_closed(reader, 5.0)
+    writer.close()
+    return data
+
+
+async def _answers(scope: dict, receive: Any, send: Any) -> None:
+    """``/``: ``ok`` with its length; ``/long``: 1 MiB in 16 KiB pieces, chunked;
+    ``/slow``: the head, 0.3 s, then the body."""
+    if scope["type"] != "http":
+        return
+    if scope["path"] == "/":
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if scope["path"] == "/slow":
+        await asyncio.sleep(0.3)
+        await send({"type": "http.response.body", "body": b"late"})
+        return
+    for i in range(64):
+        await send({"type": "http.response.body", "body": bytes([i]) * 16384, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_an_answer_goes_to_the_transport_in_one_call(batched: bool):
+    calls: list[list[bytes]] = []
+    base = GuardedHttpToolsProtocol if batched else HttpToolsProtocol
+    data = _run_uvicorn(_counting(base, calls), _get, _answers)
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nok")
+    if batched:
+        assert len(calls) == 1 and calls[0][-1] == b"ok"  # the head and the body together
+    else:
+        assert len(calls) == 2  # uvicorn alone: the head, then the body
+
+
+def test_a_long_answer_reaches_the_transport_in_pieces_of_the_batch_size():
+    calls: list[list[bytes]] = []
+    protocol = _counting(GuardedHttpToolsProtocol, calls)
+    data = _run_uvicorn(protocol, lambda port: _get(port, b"/long"), _answers)
+    body = data.split(b"\r\n\r\n", 1)[1]
+    expected = b"".join(b"4000\r\n" + bytes([i]) * 16384 + b"\r\n" for i in range(64))
+    assert body == expected + b"0\r\n\r\n"
+    # Never much more than a batch held back, so the transport's flow control
+    # sees a long answer as it is written.
+    sizes = [sum(map(len, call)) for call in calls]
+    assert len(calls) >= 64 * 16384 // (BATCH_BYTES + 16384)
+    assert max(sizes) < BATCH_BYTES + 16384 + 64
+
+
+def test_a_head_whose_body_is_late_is_sent_at_once():
+    async def check(port: int) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(0.2):  # before the body is sent
+            head = await reader.readuntil(b"\r\n\r\n")
+        rest, _ = await _read_until_closed(reader, 2.0)
+        writer.close()
+        return head, rest
+
+    head, rest = _run_uvicorn(GuardedHttpToolsProtocol, check, _answers)
+    assert head.startswith(b"HTTP/1.1 200") and rest == b"4\r\nlate\r\n0\r\n\r\n"
