@@ -116,10 +116,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # its flow control keeps the transport itself
+        self.transport = WriteBatcher(transport, self.loop)  # type: ignore[assignment]
         if len(self.connections) > self.max_connections:
             transport.abort()  # over the cap: give the descriptor back now
             return
-        self.transport = WriteBatcher(transport, self.loop)  # type: ignore[assignment]
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
