@@ -9,16 +9,24 @@ test says which.
   parameters only if it carries binders; ours take the bare request, so
   they get an empty binder list (``endpoint.binders``);
 - ``all_routes(router)``: every route added so far, including those BlackSheep
-  applies only when the app starts (``Router._registered_routes``).
+  applies only when the app starts (``Router._registered_routes``);
+- ``whole(content_type, body)``: a body sent in one piece. BlackSheep sends a
+  ``Content`` longer than ``SLICE_BYTES`` (its ``MAX_RESPONSE_CHUNK_SIZE``,
+  not exported by its compiled module) as copied slices, one ASGI message
+  and socket write each; a chat answer is 70-120 KB. A ``StreamedContent``
+  of declared length is framed by ``content-length`` and sent as it is
+  yielded: here the body itself, once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from blacksheep import Request, Router
+from blacksheep import Content, Request, Router, StreamedContent
 from blacksheep.server.routing import Route
+
+SLICE_BYTES = 61_440
 
 
 def raw_path(request: Request) -> bytes:
@@ -34,3 +42,13 @@ def all_routes(router: Router) -> Iterator[Route]:
         yield from routes
     for _method, route in router._registered_routes:
         yield route
+
+
+def whole(content_type: bytes, body: bytes) -> Content:
+    if len(body) <= SLICE_BYTES:
+        return Content(content_type, body)
+
+    async def provide() -> AsyncIterator[bytes]:
+        yield body
+
+    return StreamedContent(content_type, provide, len(body))

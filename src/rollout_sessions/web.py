@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,6 +17,7 @@ from blacksheep import Content, Request, Response, StreamedContent
 from blacksheep.exceptions import MessageAborted
 
 from rollout_sessions import errors
+from rollout_sessions._blacksheep import whole
 from rollout_sessions.errors import ApiError
 
 if TYPE_CHECKING:
@@ -223,28 +224,6 @@ def parse_json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise errors.bad_json(str(exc)) from None
-
-
-# BlackSheep sends a body longer than this as copied slices of this size,
-# one ASGI message (and socket write) each.
-_ONE_PIECE_UP_TO = 61_440
-
-
-def whole(content_type: bytes, body: bytes) -> Content:
-    """``body`` as a response's content, sent in one piece with its length.
-
-    A chat answer is 70-120 KB: as a plain ``Content`` it would be cut into
-    copied 60 KiB slices, each its own send. A streamed content of declared
-    length goes out as it is yielded, framed by ``content-length``: here one
-    send of the body itself, no copy.
-    """
-    if len(body) <= _ONE_PIECE_UP_TO:
-        return Content(content_type, body)
-
-    async def provide() -> AsyncIterator[bytes]:
-        yield body
-
-    return StreamedContent(content_type, provide, len(body))
 
 
 def json_response(obj: Any, status: int = 200) -> Response:

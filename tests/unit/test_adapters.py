@@ -15,7 +15,13 @@ from blacksheep import Request
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from rollout_sessions._aiohttp import StrictResponseHandler, strict_connector
-from rollout_sessions._blacksheep import all_routes, document_without_binders, raw_path
+from rollout_sessions._blacksheep import (
+    SLICE_BYTES,
+    all_routes,
+    document_without_binders,
+    raw_path,
+    whole,
+)
 from rollout_sessions._uvicorn import BATCH_BYTES, GuardedHttpToolsProtocol, guarded_protocol
 
 # --- BlackSheep --------------------------------------------------------------------------
@@ -46,6 +52,33 @@ def test_all_routes_sees_routes_before_and_after_they_are_applied():
     router.apply_routes()
     router.add_get("/b", b)
     assert {r.handler for r in all_routes(router)} == {a, b}
+
+
+def _sent(content: Any) -> list[dict]:
+    from blacksheep import Response
+    from blacksheep.scribe import send_asgi_response
+
+    messages: list[dict] = []
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    asyncio.run(send_asgi_response(Response(200, None, content), send))
+    return messages
+
+
+@pytest.mark.parametrize("size", [SLICE_BYTES, SLICE_BYTES + 1, 120_000])
+def test_whole_sends_a_body_in_one_message_with_its_length(size: int):
+    from blacksheep import Content
+
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    start, *rest = _sent(whole(b"application/json", body))
+    assert (b"content-length", str(size).encode()) in start["headers"]
+    assert b"".join(m["body"] for m in rest) == body
+    assert [m["body"] for m in rest if m["body"]] == [body]  # one piece
+    # Why: BlackSheep slices a plain Content past SLICE_BYTES.
+    plain = [m["body"] for m in _sent(Content(b"application/json", body))[1:] if m["body"]]
+    assert len(plain) == (1 if size <= SLICE_BYTES else -(-size // SLICE_BYTES))
 
 
 # --- aiohttp -----------------------------------------------------------------------------
