@@ -37,6 +37,7 @@ uvicorn is pinned below 1.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 import orjson
@@ -50,17 +51,47 @@ MAX_HEAD_BYTES = 64 * 1024
 BATCH_BYTES = 64 * 1024
 
 
+class _NextPass:
+    """The batchers still holding bytes, flushed together at the next loop pass:
+    one scheduled callback a pass, not one an answer."""
+
+    __slots__ = ("_loop", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[WriteBatcher] = []
+
+    def add(self, batcher: WriteBatcher) -> None:
+        waiting = self._waiting
+        waiting.append(batcher)
+        if len(waiting) == 1:
+            self._loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for batcher in waiting:
+            batcher.flush()
+
+
+_next_pass: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _NextPass] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class WriteBatcher:
     """The transport uvicorn's protocol writes through: writes are held until
     ``flush`` (the answer is complete), until ``BATCH_BYTES`` are held, or
     until the next loop pass, then given to the transport in one call.
     Everything else is the transport's own; closing flushes first."""
 
-    __slots__ = ("_transport", "_loop", "_held", "_held_bytes")
+    __slots__ = ("_transport", "_next_pass", "_held", "_held_bytes")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._loop = loop
+        next_pass = _next_pass.get(loop)
+        if next_pass is None:
+            next_pass = _next_pass[loop] = _NextPass(loop)
+        self._next_pass = next_pass
         self._held: list[bytes] = []
         self._held_bytes = 0
 
@@ -73,7 +104,7 @@ class WriteBatcher:
         if self._held_bytes >= BATCH_BYTES:
             self.flush()
         elif len(held) == 1:
-            self._loop.call_soon(self.flush)
+            self._next_pass.add(self)
 
     def flush(self) -> None:
         held = self._held
