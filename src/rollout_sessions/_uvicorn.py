@@ -58,14 +58,16 @@ class _NextPass:
     __slots__ = ("_loop", "_waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: the loop is this object's key in `_next_pass`.
+        self._loop = weakref.ref(loop)
         self._waiting: list[WriteBatcher] = []
 
     def add(self, batcher: WriteBatcher) -> None:
         waiting = self._waiting
         waiting.append(batcher)
-        if len(waiting) == 1:
-            self._loop.call_soon(self._run)
+        loop = self._loop()
+        if len(waiting) == 1 and loop is not None:
+            loop.call_soon(self._run)
 
     def _run(self) -> None:
         waiting, self._waiting = self._waiting, []
