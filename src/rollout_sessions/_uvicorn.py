@@ -72,7 +72,10 @@ class _NextPass:
     def _run(self) -> None:
         waiting, self._waiting = self._waiting, []
         for batcher in waiting:
-            batcher.flush()
+            try:
+                batcher.flush()
+            except Exception:  # a broken connection must not hold the others' bytes back
+                batcher.abort()
 
 
 _next_pass: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _NextPass] = (
@@ -135,8 +138,8 @@ class WriteBatcher:
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a head deadline, a head size limit and a
-    connection cap (configured by ``guarded_protocol``)."""
+    """uvicorn's httptools protocol plus a head deadline, a head size limit, a
+    connection cap (configured by ``guarded_protocol``) and one write per answer."""
 
     header_timeout_s = 30.0
     max_connections = 1 << 30

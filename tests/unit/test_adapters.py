@@ -337,3 +337,40 @@ def test_a_head_whose_body_is_late_is_sent_at_once():
 
     head, rest = _run_uvicorn(GuardedHttpToolsProtocol, check, _answers)
     assert head.startswith(b"HTTP/1.1 200") and rest == b"4\r\nlate\r\n0\r\n\r\n"
+
+
+class _FakeTransport:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[bytes] = []
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def write(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("broken")
+        self.sent.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def test_a_connection_that_fails_to_write_does_not_hold_the_others_back():
+    from rollout_sessions._uvicorn import WriteBatcher
+
+    async def main() -> tuple[_FakeTransport, _FakeTransport]:
+        loop = asyncio.get_running_loop()
+        broken, fine = _FakeTransport(fail=True), _FakeTransport()
+        WriteBatcher(broken, loop).write(b"head")  # type: ignore[arg-type]
+        WriteBatcher(fine, loop).write(b"head")  # type: ignore[arg-type]
+        await asyncio.sleep(0)  # the next loop pass
+        await asyncio.sleep(0)
+        return broken, fine
+
+    broken, fine = asyncio.run(main())
+    assert broken.aborted and fine.sent == [b"head"]
