@@ -119,10 +119,7 @@ class WriteBatcher:
         self._held_bytes = 0
         if self._transport.is_closing():
             return  # closed, or lost: nobody will read these
-        if len(held) == 1:
-            self._transport.write(held[0])
-        else:
-            self._transport.writelines(held)
+        self._transport.writelines(held)
 
     def close(self) -> None:
         self.flush()
