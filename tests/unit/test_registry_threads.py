@@ -1,7 +1,8 @@
 """Many threads, random operations on overlapping ids; invariants afterwards.
 
-The registry releases the GIL for its table work, so these threads really do
-interleave inside the shard code.
+The threads switch between operations (an operation lets the GIL go only to
+wait for a lock another thread holds), so every operation must look atomic
+to the others, and the invariants must hold afterwards.
 """
 
 from __future__ import annotations

@@ -60,5 +60,5 @@ cdef class Registry:
     cdef int _parse(self, object sid, rs_id *out) except -1
     cdef double _now(self) noexcept nogil
     cdef void _release(self, rs_dead *dead, int n)
-    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil
+    cdef bint _is_deleted(self, const rs_id *rid) noexcept
     cdef object _insert(self, const rs_id *rid, object obj, bint by_id, Admit *outcome)

@@ -1,12 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Sharded session registry: the Cython face of the C core in rs_*.h.
 
-Locking protocol (why it cannot deadlock): a shard lock is only ever
-*acquired* with the GIL released, and a thread holding a shard lock may then
-take back the GIL (to incref the object it found) before unlocking. So the
-order is always shard lock -> GIL -> (tombstone lock is taken only without
-the GIL, after the shard lock). Nobody waits for a shard lock while holding
-the GIL, and nobody runs Python code (decref can) while holding a shard lock.
+Locking protocol (why it cannot deadlock): nobody *waits* for a lock while
+holding the GIL (``_lock``: a free lock is taken at once, GIL held; a held
+one is waited for with the GIL released, which is then taken back before
+the table is touched). Locks are taken in one order, shard lock then
+tombstone lock, and nobody runs Python code (decref can) while holding one.
 """
 
 import os
@@ -129,6 +128,19 @@ def tombstone_bytes(unsigned long long capacity):
     return rs_tomb_bytes_for(capacity)
 
 
+cdef inline void _lock(pthread_mutex_t *m) noexcept:
+    """Takes ``m``; the GIL is let go only to wait for a lock another thread holds.
+
+    A table operation takes well under a microsecond, less than giving the
+    GIL away and taking it back. And with a second Python thread running (the
+    journal's writer), a release hands the GIL over: the event loop would
+    then wait for that thread at every lookup.
+    """
+    if pthread_mutex_trylock(m) != 0:
+        with nogil:
+            pthread_mutex_lock(m)
+
+
 cdef inline void _evict_slot(rs_shard *sh, uint32_t slot, rs_dead *dead) noexcept nogil:
     """Removes an idle entry, keeping its key and object for ``_release``. Shard lock held."""
     dead.key = sh.table.entries[sh.table.index[slot]].key
@@ -171,7 +183,7 @@ cdef inline int64_t _find_live(Registry reg, rs_shard *sh, const rs_id *rid, dou
 
 
 cdef Admit _admit(Registry reg, rs_shard *sh, const rs_id *rid, void *obj, rs_dead *dead,
-                  int *ndead, void **found) noexcept nogil:
+                  int *ndead, void **found) noexcept:
     """Inserts ``obj`` under a never-seen id; shared by create and auto-create.
 
     Shard lock held. ALREADY_LIVE sets ``*found`` (and refreshes it);
@@ -304,12 +316,12 @@ cdef class Registry:
                     pass
             Py_DECREF(<object>dead[i].obj)
 
-    cdef bint _is_deleted(self, const rs_id *rid) noexcept nogil:
+    cdef bint _is_deleted(self, const rs_id *rid) noexcept:
         """For an id that is not live. Caller holds the id's shard lock."""
         cdef bint found
         if rid.hexid and rs_is_self_minted(&self._sec, rid.key, rs_counter_load(&self._mint_counter)):
             return True  # ours and not live: deleted or expired, no ring needed
-        pthread_mutex_lock(&self._tomb_lock)
+        _lock(&self._tomb_lock)
         found = rs_tomb_contains(&self._tomb, rid.key)
         pthread_mutex_unlock(&self._tomb_lock)
         return found
@@ -326,15 +338,14 @@ cdef class Registry:
         cdef int ndead = 0
         cdef void *found = NULL
         Py_INCREF(obj)  # the table's reference, if admitted
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            outcome[0] = _admit(self, sh, rid, <PyObject *>obj, dead, &ndead, &found)
-            if outcome[0] == ADMITTED:
-                if by_id:
-                    sh.created_by_id += 1
-                else:
-                    sh.auto_creates += 1
-        # GIL back, shard lock still held: a raced-in object cannot be freed under us.
+        _lock(&sh.lock)
+        outcome[0] = _admit(self, sh, rid, <PyObject *>obj, dead, &ndead, &found)
+        if outcome[0] == ADMITTED:
+            if by_id:
+                sh.created_by_id += 1
+            else:
+                sh.auto_creates += 1
+        # Shard lock still held: a raced-in object cannot be freed under us.
         result = <object>found if outcome[0] == ALREADY_LIVE else None
         pthread_mutex_unlock(&sh.lock)
         self._release(dead, ndead)
@@ -360,14 +371,13 @@ cdef class Registry:
         sid = PyUnicode_New(32, 127)
         rs_format_hex128(key, <uint8_t *>PyUnicode_DATA(sid))
         Py_INCREF(obj)
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            now = self._now()
-            ndead = _evict_expired(sh, now, self._ttl, dead, EVICT_PER_OP)
-            e = rs_table_insert(&sh.table, key, <PyObject *>obj, now)
-            if e != RS_NIL:
-                sh.minted += 1
-            pthread_mutex_unlock(&sh.lock)
+        _lock(&sh.lock)
+        now = self._now()
+        ndead = _evict_expired(sh, now, self._ttl, dead, EVICT_PER_OP)
+        e = rs_table_insert(&sh.table, key, <PyObject *>obj, now)
+        if e != RS_NIL:
+            sh.minted += 1
+        pthread_mutex_unlock(&sh.lock)
         self._release(dead, ndead)
         if e == RS_NIL:
             Py_DECREF(obj)
@@ -397,19 +407,18 @@ cdef class Registry:
         cdef double now = -1.0
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            # A read does no piggyback eviction (writes and expire() do).
-            slot = _find_live(self, sh, &rid, &now, dead, &ndead)
-            if slot >= 0:
-                e = sh.table.index[slot]
-                rs_table_touch(&sh.table, e, now)
-                found = <PyObject *>sh.table.entries[e].obj
-            else:
-                deleted = self._is_deleted(&rid)
-                if deleted:
-                    sh.deleted_refusals += 1
-        # GIL back, shard lock still held: the object cannot be freed under us.
+        _lock(&sh.lock)
+        # A read does no piggyback eviction (writes and expire() do).
+        slot = _find_live(self, sh, &rid, &now, dead, &ndead)
+        if slot >= 0:
+            e = sh.table.index[slot]
+            rs_table_touch(&sh.table, e, now)
+            found = <PyObject *>sh.table.entries[e].obj
+        else:
+            deleted = self._is_deleted(&rid)
+            if deleted:
+                sh.deleted_refusals += 1
+        # Shard lock still held: the object cannot be freed under us.
         if found != NULL:
             result = <object>found
         else:
@@ -448,27 +457,26 @@ cdef class Registry:
         cdef bint foreign
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            now = self._now()
-            slot = _find_live(self, sh, &rid, &now, dead, &ndead)
-            # Our own ids are recognised without the ring; only foreign ones need it.
-            foreign = not (rid.hexid and rs_is_self_minted(&self._sec, rid.key,
-                                                           rs_counter_load(&self._mint_counter)))
-            if slot >= 0 and (want == NULL or sh.table.entries[sh.table.index[slot]].obj == want):
-                removed = rs_table_delete_slot(&sh.table, <uint32_t>slot)
-                sh.deletes += 1
-                if foreign:
-                    pthread_mutex_lock(&self._tomb_lock)
-                    rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
-                    pthread_mutex_unlock(&self._tomb_lock)
-            elif slot < 0 and want != NULL and foreign:
-                pthread_mutex_lock(&self._tomb_lock)
-                if not rs_tomb_contains(&self._tomb, rid.key):
-                    rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
+        _lock(&sh.lock)
+        now = self._now()
+        slot = _find_live(self, sh, &rid, &now, dead, &ndead)
+        # Our own ids are recognised without the ring; only foreign ones need it.
+        foreign = not (rid.hexid and rs_is_self_minted(&self._sec, rid.key,
+                                                       rs_counter_load(&self._mint_counter)))
+        if slot >= 0 and (want == NULL or sh.table.entries[sh.table.index[slot]].obj == want):
+            removed = rs_table_delete_slot(&sh.table, <uint32_t>slot)
+            sh.deletes += 1
+            if foreign:
+                _lock(&self._tomb_lock)
+                rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
                 pthread_mutex_unlock(&self._tomb_lock)
-            ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
-            pthread_mutex_unlock(&sh.lock)
+        elif slot < 0 and want != NULL and foreign:
+            _lock(&self._tomb_lock)
+            if not rs_tomb_contains(&self._tomb, rid.key):
+                rs_tomb_push(&self._tomb, rid.key, now, self._retry_window)
+            pthread_mutex_unlock(&self._tomb_lock)
+        ndead += _evict_expired(sh, now, self._ttl, dead + ndead, EVICT_PER_OP)
+        pthread_mutex_unlock(&sh.lock)
         self._release(dead, ndead)
         if removed == NULL:
             return None
@@ -487,10 +495,9 @@ cdef class Registry:
         while total < budget and visited < self._nshards:
             sh = &self._shards[self._expire_cursor]
             want = <int>min(<Py_ssize_t>EVICT_CHUNK, budget - total)
-            with nogil:
-                pthread_mutex_lock(&sh.lock)
-                n = _evict_expired(sh, self._now(), self._ttl, dead, want)
-                pthread_mutex_unlock(&sh.lock)
+            _lock(&sh.lock)
+            n = _evict_expired(sh, self._now(), self._ttl, dead, want)
+            pthread_mutex_unlock(&sh.lock)
             self._release(dead, n)
             total += n
             if n < want:  # this shard is clean for now: move on
@@ -517,12 +524,11 @@ cdef class Registry:
         self._parse(sid, &rid)
         sh = &self._shards[rid.shard]
         Py_INCREF(obj)
-        with nogil:
-            pthread_mutex_lock(&sh.lock)
-            slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
-            if slot < 0:
-                e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, self._now() - idle_s)
-            pthread_mutex_unlock(&sh.lock)
+        _lock(&sh.lock)
+        slot = rs_table_probe(&sh.table, rid.key, <uint32_t>rid.hash & sh.table.mask)
+        if slot < 0:
+            e = rs_table_insert(&sh.table, rid.key, <PyObject *>obj, self._now() - idle_s)
+        pthread_mutex_unlock(&sh.lock)
         if slot >= 0 or e == RS_NIL:
             Py_DECREF(obj)
             if slot < 0:
@@ -535,11 +541,10 @@ cdef class Registry:
         (after a restart; oldest first, like the ring itself)."""
         cdef rs_key k = _key_from_bytes(key)
         cdef double when = self._now() - age_s
-        with nogil:
-            pthread_mutex_lock(&self._tomb_lock)
-            if not rs_tomb_contains(&self._tomb, k):
-                rs_tomb_push(&self._tomb, k, when, self._retry_window)
-            pthread_mutex_unlock(&self._tomb_lock)
+        _lock(&self._tomb_lock)
+        if not rs_tomb_contains(&self._tomb, k):
+            rs_tomb_push(&self._tomb, k, when, self._retry_window)
+        pthread_mutex_unlock(&self._tomb_lock)
 
     @property
     def secrets(self):
@@ -568,10 +573,9 @@ cdef class Registry:
         cdef uint64_t live = 0
         cdef uint32_t i
         for i in range(self._nshards):
-            with nogil:
-                pthread_mutex_lock(&self._shards[i].lock)
-                live += self._shards[i].table.live
-                pthread_mutex_unlock(&self._shards[i].lock)
+            _lock(&self._shards[i].lock)
+            live += self._shards[i].table.live
+            pthread_mutex_unlock(&self._shards[i].lock)
         return live
 
     def stats(self):
@@ -585,24 +589,22 @@ cdef class Registry:
         cdef uint64_t held, overwritten, young
         for i in range(self._nshards):
             sh = &self._shards[i]
-            with nogil:
-                pthread_mutex_lock(&sh.lock)
-                live += sh.table.live
-                by_id += sh.created_by_id
-                auto += sh.auto_creates
-                minted += sh.minted
-                deletes += sh.deletes
-                refusals += sh.deleted_refusals
-                evictions += sh.ttl_evictions
-                table_bytes += rs_table_bytes(&sh.table)
-                pthread_mutex_unlock(&sh.lock)
-        with nogil:
-            pthread_mutex_lock(&self._tomb_lock)
-            held = self._tomb.count
-            overwritten = self._tomb.overwritten
-            young = self._tomb.young_overwrites
-            horizon = rs_tomb_horizon(&self._tomb, self._now())
-            pthread_mutex_unlock(&self._tomb_lock)
+            _lock(&sh.lock)
+            live += sh.table.live
+            by_id += sh.created_by_id
+            auto += sh.auto_creates
+            minted += sh.minted
+            deletes += sh.deletes
+            refusals += sh.deleted_refusals
+            evictions += sh.ttl_evictions
+            table_bytes += rs_table_bytes(&sh.table)
+            pthread_mutex_unlock(&sh.lock)
+        _lock(&self._tomb_lock)
+        held = self._tomb.count
+        overwritten = self._tomb.overwritten
+        young = self._tomb.young_overwrites
+        horizon = rs_tomb_horizon(&self._tomb, self._now())
+        pthread_mutex_unlock(&self._tomb_lock)
         return {
             "live": live,
             "tombstones": held,
