@@ -1,5 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""``meta_info.output_token_logprobs`` read into typed arrays, in C.
+"""The answer's token ids and logprobs read into typed arrays, in C.
+
+``read_pairs``: ``meta_info.output_token_logprobs``.
 
 The answer's 800 ``[logprob, token_id, null]`` entries were a sixth of the
 server's CPU per realistic turn when each became a Python list of three
@@ -8,8 +10,14 @@ from the array's minified JSON, as simdjson writes it after validating the
 whole answer, in exactly one shape: ``[[<number>,<digits>,null],...]``.
 Anything else (a text instead of ``null``, a fourth element, an id with a
 sign, a fraction or past ``max_id``) returns ``None``: the caller's general
-path then reads it, and names the defect if there is one. Data work only:
-what is valid is decided in ``answer``.
+path then reads it, and names the defect if there is one.
+
+``narrow_ids``: ``prompt_token_ids``, as simdjson hands them over (int64),
+checked against the id range and narrowed to int32 in one pass, with the
+GIL held throughout (numpy's reductions on a long prompt let the GIL go,
+and the journal's writer thread then takes it from the event loop).
+
+Data work only: what is valid is decided in ``answer``.
 """
 
 from cpython.array cimport array, clone
@@ -80,3 +88,18 @@ def read_pairs(bytes text, Py_ssize_t n, long long max_id):
     if at != size - 1:
         return None
     return ids, logprobs
+
+
+def narrow_ids(const unsigned char[::1] wide, long long max_id):
+    """``wide`` (int64 ids, native order, as bytes) as int32 ids, or ``None``
+    if one is negative or past ``max_id``."""
+    cdef Py_ssize_t n = wide.shape[0] // sizeof(long long), k
+    cdef const long long *values = <const long long *>&wide[0] if n else NULL
+    cdef long long token
+    cdef array ids = clone(_IDS, n, False)
+    for k in range(n):
+        token = values[k]
+        if token < 0 or token > max_id:
+            return None
+        ids.data.as_ints[k] = <int>token
+    return ids

@@ -35,7 +35,7 @@ import orjson
 import simdjson
 
 from rollout_sessions import errors
-from rollout_sessions._logprobs import read_pairs
+from rollout_sessions._logprobs import narrow_ids, read_pairs
 
 MAX_TOKEN_ID = 2**31 - 1
 TOKEN_TYPECODE = "i"  # token ids are stored as int32
@@ -230,8 +230,8 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
         buffer = prompt.as_buffer(of_type="i")  # int64; a bool, float or string refuses
     except (TypeError, ValueError):
         return None
-    wide = np.frombuffer(buffer, np.int64)
-    if len(wide) and (wide.min() < 0 or wide.max() > MAX_TOKEN_ID):
+    prompt_ids = narrow_ids(buffer, MAX_TOKEN_ID)
+    if prompt_ids is None:
         return None
     count = meta.get("completion_tokens")
     if type(count) is not int:
@@ -242,14 +242,7 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     message = _message(message)  # the defects in _parse_full's order
     pairs = read_pairs(entries.mini, count, MAX_TOKEN_ID) if count == len(entries) else None
     completion, logprobs = pairs or _completion(entries.as_list(), count)
-    return ParsedAnswer(
-        raw,
-        message,
-        array(TOKEN_TYPECODE, wide.astype(np.int32).tobytes()),
-        completion,
-        logprobs,
-        replay,
-    )
+    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay)
 
 
 def _replay_in(choices: Any) -> bool | None:

@@ -1,5 +1,6 @@
-"""``_logprobs.read_pairs``: output_token_logprobs read in C gives exactly what
-the Python lists give, and declines (None) every other shape."""
+"""``_logprobs``: output_token_logprobs read in C (``read_pairs``) gives exactly
+what the Python lists give, and declines (None) every other shape; prompt ids
+narrowed in C (``narrow_ids``) are the ids, or None past the id range."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rollout_sessions import answer as answer_module
-from rollout_sessions._logprobs import read_pairs
+from rollout_sessions._logprobs import narrow_ids, read_pairs
 from rollout_sessions.answer import MAX_TOKEN_ID
 from rollout_sessions.errors import ApiError
 
@@ -136,3 +137,29 @@ def test_a_huge_logprob_is_infinite_in_both():
     values = floats_array("f")
     values.frombytes(got[1])
     assert math.isinf(values[0])
+
+
+def simdjson_ids(ids: list[int]) -> Any:
+    """``ids`` as the fast path hands them to ``narrow_ids``: int64, from simdjson."""
+    raw = json.dumps({"p": ids}).encode()
+    return simdjson.Parser().parse(raw)["p"].as_buffer(of_type="i")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=40))
+def test_prompt_ids_are_narrowed_exactly_or_declined(ids: list[int]):
+    got = narrow_ids(simdjson_ids(ids), MAX_TOKEN_ID)
+    if all(0 <= i <= MAX_TOKEN_ID for i in ids):
+        assert got is not None
+        assert got.typecode == "i"
+        assert got.tolist() == ids
+    else:
+        assert got is None
+
+
+@pytest.mark.parametrize("bad", [-1, MAX_TOKEN_ID + 1, -(2**63), 2**63 - 1])
+def test_one_id_out_of_range_declines_a_long_prompt(bad: int):
+    ids = list(range(5000))
+    assert narrow_ids(simdjson_ids(ids), MAX_TOKEN_ID).tolist() == ids
+    ids[4321] = bad
+    assert narrow_ids(simdjson_ids(ids), MAX_TOKEN_ID) is None
