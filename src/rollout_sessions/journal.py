@@ -176,8 +176,10 @@ class Journal:
         self._lock_file.close()
 
     # -- writes --------------------------------------------------------------------
+    # Each is queued when called, not when awaited (a read asked for under a
+    # session lock is ordered by that lock), and returns its commit's future.
 
-    async def create(self, key: bytes, sid: str, kind: str) -> None:
+    def create(self, key: bytes, sid: str, kind: str) -> asyncio.Future:
         now = time.time()
 
         def run(conn: sqlite3.Connection) -> None:
@@ -185,9 +187,11 @@ class Journal:
                 "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", (key, sid, KINDS[kind], now)
             )
 
-        await self._submit(run)
+        return self._submit(run)
 
-    async def turn(self, key: bytes, sid: str, kind: str, write: TurnWrite, has_row: bool) -> None:
+    def turn(
+        self, key: bytes, sid: str, kind: str, write: TurnWrite, has_row: bool
+    ) -> asyncio.Future:
         """A recorded turn. ``has_row``: the session's row is known to be written
         (it has a committed turn); else it is written first (an auto-created
         session's first turn), with ``kind``."""
@@ -216,9 +220,9 @@ class Journal:
                 ),
             )
 
-        await self._submit(run)
+        return self._submit(run)
 
-    async def delete(self, key: bytes, foreign: bool) -> None:
+    def delete(self, key: bytes, foreign: bool) -> asyncio.Future:
         """A session deleted; a foreign id is remembered for the tombstone ring."""
         now = time.time()
 
@@ -230,7 +234,7 @@ class Journal:
                 )
                 self._next_slot = (self._next_slot + 1) % self._deleted_capacity
 
-        await self._submit(run)
+        return self._submit(run)
 
     def expire(self, key: bytes) -> None:
         """A session evicted after its idle TTL (nobody waits for this write)."""
@@ -246,16 +250,18 @@ class Journal:
 
     # -- reads (queued behind the writes before them) -------------------------------
 
-    async def answers(self, key: bytes) -> list[bytes]:
-        """The compressed answers of a session's turns, in order."""
-        return await self._submit(
+    def answers(self, key: bytes) -> asyncio.Future:
+        """The compressed answers of a session's turns, in order (a list of bytes)."""
+        return self._submit(
             lambda conn: [
                 row[0]
                 for row in conn.execute("SELECT answer FROM turns WHERE key = ? ORDER BY k", (key,))
             ]
         )
 
-    async def logprobs(self, key: bytes) -> list[array]:
+    def logprobs(self, key: bytes) -> asyncio.Future:
+        """The logprobs of a session's turns, in order (a list of float32 arrays)."""
+
         def run(conn: sqlite3.Connection) -> list[array]:
             out = []
             for (blob,) in conn.execute(
@@ -266,7 +272,7 @@ class Journal:
                 out.append(values)
             return out
 
-        return await self._submit(run)
+        return self._submit(run)
 
     def disk_bytes(self) -> int:
         return sum(
