@@ -134,7 +134,9 @@ cdef inline void _lock(pthread_mutex_t *m) noexcept:
     A table operation takes well under a microsecond, less than giving the
     GIL away and taking it back. And with a second Python thread running (the
     journal's writer), a release hands the GIL over: the event loop would
-    then wait for that thread at every lookup.
+    then wait for that thread at every lookup. With a GIL, then, operations
+    run one at a time and a lock is always free when taken; the locks keep
+    each operation atomic on an interpreter without one.
     """
     if pthread_mutex_trylock(m) != 0:
         with nogil:
