@@ -33,7 +33,7 @@ from rollout_sessions.routing import SessionRouter
 from rollout_sessions.state import AppState
 from rollout_sessions.tito import tito_from_settings
 from rollout_sessions.upstream import Upstream
-from rollout_sessions.web import Guard, endpoint, error_response, raw_json_response
+from rollout_sessions.web import JSON_TYPE, Guard, endpoint, error_response, raw_json_response
 
 log = logging.getLogger("rollout_sessions")
 
@@ -93,7 +93,24 @@ def _add_service_routes(app: Application, docs: openapi.OpenAPIHandler, state: A
     metrics = state.metrics
     metrics_type = metrics.content_type.encode()
 
+    journal = state.journal
+
     async def health(request: Request) -> Response:
+        if journal is not None and journal.failure is not None:
+            return Response(
+                503,
+                None,
+                Content(
+                    JSON_TYPE,
+                    orjson.dumps(
+                        {
+                            "status": "unavailable",
+                            "error": f"journal cannot write: {journal.failure}",
+                            "session_server_instance_id": state.instance_id,
+                        }
+                    ),
+                ),
+            )
         return raw_json_response(health_body)
 
     async def metrics_route(request: Request) -> Response:
@@ -106,9 +123,13 @@ def _add_service_routes(app: Application, docs: openapi.OpenAPIHandler, state: A
         docs,
         endpoint(state, "GET", "/health", health, public=True),
         summary="Liveness and instance id",
-        description="`session_server_instance_id` changes on every start.",
+        description="`session_server_instance_id` changes on every start. 503 while the "
+        "journal cannot commit anything (a full disk): `error` says why.",
         tags=["service"],
-        responses={200: '`{"status": "ok", "session_server_instance_id": "<hex>"}`'},
+        responses={
+            200: '`{"status": "ok", "session_server_instance_id": "<hex>"}`',
+            503: '`{"status": "unavailable", "error": "journal cannot write: ...", ...}`',
+        },
     )
     metrics_ep = openapi.document(
         docs,

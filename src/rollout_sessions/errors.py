@@ -93,7 +93,15 @@ def journal_full() -> ApiError:
 
 
 def journal_failed(detail: str) -> ApiError:
-    return ApiError(500, f"journal write failed: {detail}; nothing was recorded")
+    return ApiError(503, f"journal write failed: {detail}; nothing was recorded")
+
+
+def minting_unavailable(detail: str) -> ApiError:
+    return ApiError(
+        503,
+        f"cannot mint a session id: its reservation cannot be written ({detail}); "
+        "nothing was created",
+    )
 
 
 # --- chat turn and upstream calls ---

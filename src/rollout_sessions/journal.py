@@ -9,9 +9,16 @@ answer zstd-compressed), and the most recent deleted foreign ids with their
 delete times (the tombstone ring, restored).
 
 Durability. A turn, a create and a delete are answered only once their
-write is committed. One writer thread owns the connection and commits
-whatever is queued as one transaction (group commit), off the event loop;
-reads that must see those writes (``GET``, the export) queue behind them.
+write is committed: a write's result is settled after its COMMIT returned,
+never before. One writer thread owns the connection and commits whatever is
+queued as one transaction (group commit), off the event loop; reads that
+must see those writes (``GET``, the export) queue behind them. A failed
+transaction is retried one operation at a time, each in its own
+transaction, so one bad write fails alone: 507 for lack of space, 503
+naming any other failure (an unexpected exception included: the writer is
+supervised and goes on). While nothing can be committed at all, ``failure``
+says why (``/health`` answers 503 with it) and the writer probes the disk
+until a commit succeeds again.
 WAL mode with ``synchronous=NORMAL`` (default): a committed write is in the
 WAL file, so a killed process loses nothing; a power loss or OS crash may
 lose the transactions since the last checkpoint, which syncs (one every
@@ -25,9 +32,16 @@ vacuum; the WAL file emptied once writes pause).
 ``JOURNAL_MAX_BYTES`` caps the database; a write past the cap, or on a full
 disk, fails with 507 and changes nothing.
 
+Minting. Ids handed out stay below a reservation that is on disk
+(``mint_reserved``, raised a block at a time ahead of need, and only once
+its write committed), so a restart never mints an id twice. If the
+reservation cannot be written, minting answers 503 until it can.
+
 Start-up refuses, naming the file, a ``DATA_DIR`` holding anything but the
-journal (a foreign or corrupt file is never deleted), and a ``DATA_DIR``
-another server holds (an exclusive lock on ``LOCK``).
+journal (a foreign or corrupt file is never deleted), a ``DATA_DIR`` another
+server holds (an OS lock on the directory), an empty database beside a
+write-ahead log with commits, and a journal written under another instance
+tag. Deleted ids beyond what the tombstone ring now holds are pruned.
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from typing import Any
 
 import zstandard
 
+from rollout_sessions import errors
 from rollout_sessions.answer import LOGPROB_TYPECODE
 from rollout_sessions.journal_db import (
     DB_NAME,
@@ -61,6 +76,7 @@ from rollout_sessions.journal_db import (
     head_bytes,
     lock_dir,
     open_db,
+    prune_deleted,
     set_meta,
     turn_write,
     turns_by_session,
@@ -85,6 +101,9 @@ CHECKPOINT_TRIES = 4
 # Minting reserves payloads ahead in blocks: an id handed out is always below
 # the reservation on disk, so a restart never mints an id twice.
 MINT_BLOCK = 1 << 20
+# Deleted ids the tombstone ring no longer holds are pruned from the table
+# once this many (or an eighth of the capacity) have accumulated.
+PRUNE_SLACK = 1024
 
 
 @dataclass
@@ -115,8 +134,12 @@ class Journal:
         self, directory: str | os.PathLike[str], sync: str = "normal", max_bytes: int | None = None
     ) -> None:
         self.directory = Path(directory)
-        self._lock_file = lock_dir(self.directory)
-        self._conn = open_db(self.directory / DB_NAME, sync, max_bytes)
+        self._lock = lock_dir(self.directory)
+        try:
+            self._conn = open_db(self.directory / DB_NAME, sync, max_bytes)
+        except BaseException:
+            self._lock.close()
+            raise
         self._checkpointer = Checkpointer(self.directory / DB_NAME, sync)
         self._compressor = zstandard.ZstdCompressor(level=1)
         # Operations gathered during one event-loop tick go to the writer
@@ -125,16 +148,43 @@ class Journal:
         self._queue: queue.SimpleQueue[list[_Op] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._next_slot = 0
         self._deleted_capacity = 1
-        self.mint_reserved = 0
+        self._deleted_rows = 0  # at least the rows of ``deleted`` (writer thread)
+        self.mint_reserved = 0  # durable: on disk, committed
+        self._reserving: asyncio.Future | None = None
+        self.failure: str | None = None  # why nothing can be committed now (None: fine)
 
     # -- start-up (before the writer thread runs) ----------------------------------
 
-    def load(self, deleted_capacity: int, progress: Callable[[int, int], None]) -> Restored:
+    def load(
+        self, deleted_capacity: int, instance_tag: int, progress: Callable[[int, int], None]
+    ) -> Restored:
         """Everything to restore, in the order to restore it."""
+        try:
+            return self._load(deleted_capacity, instance_tag, progress)
+        except JournalError:
+            raise
+        except Exception as exc:  # damaged rows, a full disk: never a raw traceback
+            raise JournalError(self._cannot_start(exc)) from None
+
+    def _load(
+        self, deleted_capacity: int, instance_tag: int, progress: Callable[[int, int], None]
+    ) -> Restored:
         conn = self._conn
         self._deleted_capacity = deleted_capacity
+        stored_tag = get_meta(conn, "instance_tag")
+        if stored_tag is not None and int(stored_tag) != instance_tag:
+            raise JournalError(
+                f"DATA_DIR {self.directory} holds the journal of instance tag "
+                f"{int(stored_tag)}, and this server runs with --instance-tag {instance_tag}: "
+                f"the ids minted there would no longer be recognised (deleted ones would come "
+                f"back). Start with --instance-tag {int(stored_tag)}, or use another DATA_DIR "
+                f"(nothing was deleted)"
+            )
+        with conn:  # what the ring restarting with this capacity cannot hold
+            pruned = prune_deleted(conn, deleted_capacity)
+        if pruned:
+            log.info("journal: %d deleted ids beyond TOMBSTONE_CAPACITY forgotten", pruned)
         secrets = get_meta(conn, "secrets")
         reserved = int(get_meta(conn, "mint_reserved") or b"0")
         sessions = conn.execute(
@@ -148,17 +198,33 @@ class Journal:
             done += 1
             if done % 10_000 == 0:
                 progress(done, total)
-        restored.deleted = conn.execute("SELECT key, at FROM deleted ORDER BY at").fetchall()
-        last = conn.execute("SELECT slot FROM deleted ORDER BY at DESC LIMIT 1").fetchone()
-        self._next_slot = (last[0] + 1) % deleted_capacity if last else 0
+        restored.deleted = conn.execute("SELECT key, at FROM deleted ORDER BY rowid").fetchall()
+        self._deleted_rows = len(restored.deleted)
         return restored
 
-    def save_start(self, secrets: bytes, mint_counter: int) -> None:
-        """Keep the registry's secrets and reserve the first block of mints."""
-        self.mint_reserved = mint_counter + MINT_BLOCK
-        with self._conn:
-            set_meta(self._conn, "secrets", secrets)
-            set_meta(self._conn, "mint_reserved", str(self.mint_reserved).encode())
+    def save_start(self, secrets: bytes, mint_counter: int, instance_tag: int) -> None:
+        """Keep the registry's secrets and instance tag, and reserve the first block
+        of mints (committed before the server answers anything)."""
+        reserved = mint_counter + MINT_BLOCK
+        try:
+            with self._conn:
+                set_meta(self._conn, "secrets", secrets)
+                set_meta(self._conn, "instance_tag", str(instance_tag).encode())
+                set_meta(self._conn, "mint_reserved", str(reserved).encode())
+        except Exception as exc:
+            raise JournalError(self._cannot_start(exc)) from None
+        self.mint_reserved = reserved
+
+    def _cannot_start(self, exc: BaseException) -> str:
+        if api_error(exc).status == 507:
+            return (
+                f"no space left for the journal in {self.directory} ({exc}); free space on "
+                f"its disk (or raise JOURNAL_MAX_BYTES) and start again (nothing was deleted)"
+            )
+        return (
+            f"the journal in {self.directory} cannot be read back "
+            f"({type(exc).__name__}: {exc}); nothing was deleted"
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -173,7 +239,7 @@ class Journal:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         self._conn.close()
-        self._lock_file.close()
+        self._lock.close()
 
     # -- writes --------------------------------------------------------------------
     # Each is queued when called, not when awaited (a read asked for under a
@@ -229,10 +295,8 @@ class Journal:
         def run(conn: sqlite3.Connection) -> None:
             forget(conn, key)
             if foreign:
-                conn.execute(
-                    "INSERT OR REPLACE INTO deleted VALUES (?, ?, ?)", (self._next_slot, key, now)
-                )
-                self._next_slot = (self._next_slot + 1) % self._deleted_capacity
+                conn.execute("INSERT OR REPLACE INTO deleted (key, at) VALUES (?, ?)", (key, now))
+                self._deleted_rows += 1
 
         return self._submit(run)
 
@@ -240,13 +304,28 @@ class Journal:
         """A session evicted after its idle TTL (nobody waits for this write)."""
         self._enqueue(_Op(lambda conn: forget(conn, key), None))
 
-    def note_minted(self, mint_counter: int) -> None:
-        """Reserve the next block of mints when half of the current one is used."""
-        if mint_counter < self.mint_reserved - MINT_BLOCK // 2:
-            return
-        self.mint_reserved += MINT_BLOCK
-        value = str(self.mint_reserved).encode()
-        self._enqueue(_Op(lambda conn: set_meta(conn, "mint_reserved", value), None))
+    def reserve_mints(self, next_counter: int) -> asyncio.Future | None:
+        """Before minting the id numbered ``next_counter``: None when it is below
+        the reservation on disk; else the future of the write that raises it,
+        to await (it fails when the write did: then no id may be minted).
+
+        The next block is written ahead, once half of the current one is
+        used, so minting waits only when that write has not committed in time.
+        """
+        if next_counter >= self.mint_reserved - MINT_BLOCK // 2 and self._reserving is None:
+            target = self.mint_reserved + MINT_BLOCK
+            value = str(target).encode()
+            future = self._submit(lambda conn: set_meta(conn, "mint_reserved", value))
+            self._reserving = future
+            future.add_done_callback(lambda done: self._reserved(done, target))
+        if next_counter < self.mint_reserved:
+            return None
+        return self._reserving
+
+    def _reserved(self, done: asyncio.Future, target: int) -> None:
+        self._reserving = None
+        if not done.cancelled() and done.exception() is None:
+            self.mint_reserved = max(self.mint_reserved, target)
 
     # -- reads (queued behind the writes before them) -------------------------------
 
@@ -285,6 +364,9 @@ class Journal:
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
         assert self._loop is not None, "journal not started"
+        thread = self._thread
+        if thread is None or not thread.is_alive():  # never a future nobody settles
+            raise errors.journal_failed("the journal's writer is not running")
         future = self._loop.create_future()
         self._enqueue(_Op(run, future))
         return future
@@ -308,17 +390,24 @@ class Journal:
         closing = False
         previous = 0  # operations in the last commit
         while not closing:
+            batch: list[_Op] = []
             try:
-                got = self._queue.get(timeout=MAINTENANCE_EVERY_S)
-            except queue.Empty:
-                got = []
-            batch, closing = self._gather(got, linger=previous >= LINGER_AFTER)
-            if batch:
-                self._commit(batch)
-            previous = len(batch)
-            if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S and not closing:
-                last_maintenance = time.monotonic()
-                self._maintain()
+                try:
+                    got = self._queue.get(timeout=MAINTENANCE_EVERY_S)
+                except queue.Empty:
+                    got = []
+                batch, closing = self._gather(got, linger=previous >= LINGER_AFTER)
+                if batch:
+                    self._commit(batch)
+                elif self.failure is not None:
+                    self._probe()
+                previous = len(batch)
+                if time.monotonic() - last_maintenance > MAINTENANCE_EVERY_S and not closing:
+                    last_maintenance = time.monotonic()
+                    self._maintain()
+            except Exception as exc:  # supervised: the writer never dies with futures unsettled
+                log.exception("journal writer: unexpected failure")
+                self._settle([(op, None, api_error(exc)) for op in batch])
 
     def _gather(self, got: list[_Op] | None, linger: bool) -> tuple[list[_Op], bool]:
         """``got`` and what else is queued, up to ``MAX_BATCH``; whether to close.
@@ -327,8 +416,7 @@ class Journal:
         batch still under ``LINGER_UNTIL`` waits once, at most ``LINGER_S``,
         for the next loop pass's writes. Fewer, larger commits cost less per
         write, on this thread and on the event loop (fewer wake-ups, fuller
-        passes): +9-19% sessions/s on the lifecycle benchmark. A lone client
-        (commits of one) never waits.
+        passes). A lone client (commits of one) never waits.
         """
         batch: list[_Op] = []
         while got is not None:
@@ -347,29 +435,77 @@ class Journal:
                     break
         return batch, got is None
 
-    def _commit(self, batch: list[_Op]) -> None:
+    def _transaction(self, ops: list[_Op]) -> list[Any]:
+        """Run ``ops`` in one transaction; their values once its COMMIT returned.
+        Raises (and rolls back) if any of them or the COMMIT fails."""
         conn = self._conn
-        results: list[tuple[_Op, Any, BaseException | None]] = []
         try:
-            with conn:  # one transaction for the whole batch
-                values = [op.run(conn) for op in batch]
+            with conn:
+                values = [op.run(conn) for op in ops]
+        except BaseException:
+            if conn.in_transaction:  # e.g. a failed COMMIT whose rollback failed too
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+            raise
+        return values
+
+    def _commit(self, batch: list[_Op]) -> None:
+        results: list[tuple[_Op, Any, BaseException | None]]
+        try:
+            values = self._transaction(batch)
             results = [(op, value, None) for op, value in zip(batch, values, strict=True)]
-        except sqlite3.Error:
-            # Find out which failed: each on its own.
+        except Exception:
+            # Find out which failed: each alone, each settled after its own COMMIT.
+            results = []
             for op in batch:
                 try:
-                    with conn:
-                        results.append((op, op.run(conn), None))
-                except sqlite3.Error as exc:
+                    results.append((op, self._transaction([op])[0], None))
+                except Exception as exc:
                     results.append((op, None, api_error(exc)))
-        assert self._loop is not None
+        failed = [error for _, _, error in results if error is not None]
+        if len(failed) < len(results):
+            self._healthy()
+        elif failed:
+            self._failing(failed[0])
+        self._settle(results)
+
+    def _settle(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
+        if not results or self._loop is None:
+            return
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             self._loop.call_soon_threadsafe(_resolve, results)
 
+    def _failing(self, error: BaseException) -> None:
+        reason = str(error)
+        if self.failure != reason:
+            log.error("journal cannot write: %s", reason)
+        self.failure = reason
+
+    def _healthy(self) -> None:
+        if self.failure is not None:
+            log.warning("journal writes again (was: %s)", self.failure)
+            self.failure = None
+
+    def _probe(self) -> None:
+        """While nothing could be committed: whether a commit works again (space
+        came back), so ``/health`` recovers without waiting for a client's write."""
+        try:
+            self._transaction([_Op(lambda conn: set_meta(conn, "probe", b"1"), None)])
+        except Exception as exc:
+            self._failing(api_error(exc))
+        else:
+            self._healthy()
+
     def _maintain(self) -> None:
-        """Give freed pages back to the filesystem (the WAL is the checkpointer's)."""
+        """Give freed pages back to the filesystem (the WAL is the checkpointer's),
+        and forget deleted ids the tombstone ring no longer holds."""
         try:
             conn = self._conn
+            capacity = self._deleted_capacity
+            if self._deleted_rows > capacity + max(PRUNE_SLACK, capacity // 8):
+                with conn:  # a scan of the table: amortised over many deletes
+                    prune_deleted(conn, capacity)
+                self._deleted_rows = conn.execute("SELECT count(*) FROM deleted").fetchone()[0]
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             if free > 256:
                 # As a script: run to the end (one execute() step frees one page).

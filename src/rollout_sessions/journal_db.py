@@ -1,17 +1,19 @@
 """The journal's database: its files, schema and row formats (``journal.Journal`` writes it).
 
-One SQLite file in ``DATA_DIR`` (WAL mode, ``auto_vacuum=INCREMENTAL``) and a
-lock file. Tables: ``meta`` (the registry's secrets, the mint reservation),
-``sessions`` (key, id, kind, last write), ``turns`` (key, index, and the
-turn's ``store.TurnWrite``: a small JSON head, the rest of the request, the
-new messages framed, the token suffix, the zstd answer, the float32
-logprobs) and ``deleted`` (the tombstone ring's deleted foreign ids, by slot).
-Two triggers on ``turns`` make a recorded turn one statement, and one on
-``sessions`` a forgotten session (see ``_SCHEMA``).
+One SQLite file in ``DATA_DIR`` (WAL mode, ``auto_vacuum=INCREMENTAL``); the
+directory itself is held with an OS lock (``flock``), and a ``LOCK`` file
+names the holder. Tables: ``meta`` (the registry's secrets, the durable mint
+reservation, the instance tag), ``sessions`` (key, id, kind, last write),
+``turns`` (key, index, and the turn's ``store.TurnWrite``: a small JSON head,
+the rest of the request, the new messages framed, the token suffix, the zstd
+answer, the float32 logprobs) and ``deleted`` (deleted foreign ids, in delete
+order; pruned to the newest ``TOMBSTONE_CAPACITY``). Triggers keep a turn
+one statement and a forgotten session one statement (see ``_SCHEMA``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
@@ -30,7 +32,10 @@ DB_NAME = "journal.sqlite3"
 LOCK_NAME = "LOCK"
 EXPECTED = {DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", LOCK_NAME}
 APPLICATION_ID = 0x52534A31  # "RSJ1": this is our journal, not another SQLite file
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Format 1 kept deleted ids by ring slot and dropped the turn of a session
+# with no row silently; ``_migrate`` brings it to format 2.
+MIGRATABLE_VERSIONS = {1}
 KINDS = {"minted": 0, "by_id": 1, "auto": 2}
 # Should the checkpointer fall behind: the writer checkpoints by itself past
 # this many WAL pages (64 MiB of 4 KiB), and the WAL file is cut back to
@@ -48,17 +53,18 @@ CREATE TABLE IF NOT EXISTS turns (
     messages BLOB NOT NULL, suffix BLOB NOT NULL, answer BLOB NOT NULL, logprobs BLOB NOT NULL,
     PRIMARY KEY (key, k)
 );
-CREATE TABLE IF NOT EXISTS deleted (slot INTEGER PRIMARY KEY, key BLOB NOT NULL, at REAL NOT NULL);
+-- Deleted foreign ids; rowid order is delete order (a replaced row gets a new rowid).
+CREATE TABLE IF NOT EXISTS deleted (key BLOB PRIMARY KEY, at REAL NOT NULL);
 -- A turn is one statement (INSERT OR REPLACE at its index): each statement
 -- costs the writer thread Python overhead and a GIL round trip with the
--- event loop. The triggers do the rest inside SQLite: a turn of a session
--- with no row is not written (the session was deleted or expired
--- meanwhile); a turn at index k replaces the turns from k on (a retry or
--- rollback) and touches the session's row.
-CREATE TRIGGER IF NOT EXISTS turn_of_a_live_session BEFORE INSERT ON turns
+-- event loop. The triggers do the rest inside SQLite: a turn at index k
+-- replaces the turns from k on (a retry or rollback) and touches the
+-- session's row. A turn whose session has no row fails its write (never
+-- dropped silently: the turn is then not answered as recorded).
+CREATE TRIGGER IF NOT EXISTS turn_needs_its_session BEFORE INSERT ON turns
 WHEN NOT EXISTS (SELECT 1 FROM sessions WHERE key = NEW.key)
 BEGIN
-    SELECT RAISE(IGNORE);
+    SELECT RAISE(ABORT, 'the session has no row in the journal');
 END;
 CREATE TRIGGER IF NOT EXISTS turn_written AFTER INSERT ON turns
 BEGIN
@@ -72,6 +78,12 @@ END;
 CREATE TRIGGER IF NOT EXISTS session_forgotten AFTER DELETE ON sessions
 BEGIN
     DELETE FROM turns WHERE key = OLD.key;
+END;
+-- A session created under an id whose delete the tombstone ring has
+-- forgotten supersedes that delete: a restart must bring the session back.
+CREATE TRIGGER IF NOT EXISTS session_supersedes_its_delete AFTER INSERT ON sessions
+BEGIN
+    DELETE FROM deleted WHERE key = NEW.key;
 END;
 """
 
@@ -97,11 +109,29 @@ def unframe(blob: bytes) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def api_error(exc: sqlite3.Error) -> errors.ApiError:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+def api_error(exc: BaseException) -> errors.ApiError:
+    """The answer for a write that failed: 507 for lack of space, else 503 naming it."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL or "full" in str(exc).lower():
+            return errors.journal_full()
+        return errors.journal_failed(str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return errors.journal_full()
-    return errors.journal_failed(str(exc))
+    return errors.journal_failed(f"{type(exc).__name__}: {exc}")
+
+
+def prune_deleted(conn: sqlite3.Connection, keep: int) -> int:
+    """Keep the ``keep`` most recent deleted ids (what the tombstone ring holds);
+    the number of rows removed."""
+    if keep <= 0:
+        return conn.execute("DELETE FROM deleted").rowcount
+    cur = conn.execute(
+        "DELETE FROM deleted WHERE rowid < "
+        "(SELECT rowid FROM deleted ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+        (keep - 1,),
+    )
+    return cur.rowcount
 
 
 def forget(conn: sqlite3.Connection, key: bytes) -> None:
@@ -175,7 +205,38 @@ def set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
     conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
 
 
-def lock_dir(directory: Path) -> Any:
+class DirectoryLock:
+    """An exclusive OS lock (``flock``) on ``DATA_DIR`` itself, held for the
+    process's life: deleting the ``LOCK`` file (which only names the holder)
+    cannot let a second server in."""
+
+    def __init__(self, directory: Path) -> None:
+        self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            try:
+                holder = (directory / LOCK_NAME).read_text().strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise JournalError(
+                f"DATA_DIR {directory} is in use by another server ({holder}); "
+                f"each server needs its own DATA_DIR"
+            ) from None
+        try:
+            (directory / LOCK_NAME).write_text(f"pid {os.getpid()}\n")
+        except OSError as exc:
+            self.close()
+            raise JournalError(f"cannot write {directory / LOCK_NAME}: {exc}") from None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the lock
+            self._fd = -1
+
+
+def lock_dir(directory: Path) -> DirectoryLock:
     """Create the directory, refuse foreign files in it, take its lock."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -187,22 +248,7 @@ def lock_dir(directory: Path) -> Any:
                 f"DATA_DIR {directory} holds {entry}, which is not part of a journal; "
                 f"move it away or choose another DATA_DIR (nothing was deleted)"
             )
-    handle = open(directory / LOCK_NAME, "a+")  # noqa: SIM115 - held for the process's life
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise JournalError(
-            f"DATA_DIR {directory} is in use by another server ({holder}); "
-            f"each server needs its own DATA_DIR"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}\n")
-    handle.flush()
-    return handle
+    return DirectoryLock(directory)
 
 
 def checkpoint_connection(path: Path, sync: str) -> sqlite3.Connection:
@@ -217,7 +263,40 @@ def _synchronous(sync: str) -> str:
     return "FULL" if sync == "full" else "NORMAL"
 
 
+def _refuse_a_lost_database(path: Path) -> None:
+    """A WAL with content beside a missing or empty database: the database file
+    was truncated or replaced. Opening it would discard the log's commits."""
+    wal = path.with_name(path.name + "-wal")
+    try:
+        wal_bytes = wal.stat().st_size
+        db_bytes = path.stat().st_size if path.exists() else 0
+    except FileNotFoundError:
+        return
+    if wal_bytes > 0 and db_bytes == 0:
+        raise JournalError(
+            f"{path} is empty or missing but its write-ahead log {wal} holds {wal_bytes} "
+            f"bytes of commits: the database file was truncated or replaced. Restore it, or "
+            f"move both files away to start a new journal (nothing was deleted)"
+        )
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Format 1 -> 2: deleted ids keyed by id in delete order (not by ring slot,
+    which tied the table to one ring capacity), and a turn of a session with
+    no row fails instead of being dropped."""
+    with conn:
+        conn.execute("ALTER TABLE deleted RENAME TO deleted_v1")
+        conn.execute("CREATE TABLE deleted (key BLOB PRIMARY KEY, at REAL NOT NULL)")
+        conn.execute(
+            "INSERT OR REPLACE INTO deleted (key, at) SELECT key, at FROM deleted_v1 ORDER BY at"
+        )
+        conn.execute("DROP TABLE deleted_v1")
+        conn.execute("DROP TRIGGER IF EXISTS turn_of_a_live_session")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
+    _refuse_a_lost_database(path)
     fresh = not path.exists() or path.stat().st_size == 0
     try:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -232,13 +311,15 @@ def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
                 f"{path} is an SQLite database but not a rollout-sessions journal "
                 f"(application_id {app_id}); move it away (nothing was deleted)"
             )
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise JournalError(f"{path}: cannot switch to WAL mode")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version != SCHEMA_VERSION:
+        if version in MIGRATABLE_VERSIONS:
+            _migrate(conn, version)
+        elif version != SCHEMA_VERSION:
             raise JournalError(
                 f"{path} has journal format {version}, this server reads {SCHEMA_VERSION}"
             )
-        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise JournalError(f"{path}: cannot switch to WAL mode")
         conn.execute(f"PRAGMA synchronous = {_synchronous(sync)}")
         # Freed pages need not be zeroed (some builds do by default), and a
         # longer WAL between checkpoints writes each page back less often.
@@ -252,7 +333,14 @@ def open_db(path: Path, sync: str, max_bytes: int | None) -> sqlite3.Connection:
         if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise JournalError(f"{path} is damaged (quick_check failed); nothing was deleted")
     except sqlite3.DatabaseError as exc:
+        if api_error(exc).status == 507:
+            raise JournalError(
+                f"no space left for the journal {path} ({exc}); free space on its disk "
+                f"(or raise JOURNAL_MAX_BYTES) and start again (nothing was deleted)"
+            ) from None
         raise JournalError(
             f"{path} is not a readable journal ({exc}); nothing was deleted"
         ) from None
+    except OSError as exc:
+        raise JournalError(f"cannot open the journal {path}: {exc}") from None
     return conn

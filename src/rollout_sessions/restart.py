@@ -13,7 +13,7 @@ import logging
 import time
 
 from rollout_sessions.config import Settings
-from rollout_sessions.journal import Journal
+from rollout_sessions.journal import Journal, JournalError, Restored
 from rollout_sessions.registry import Registry
 from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
@@ -32,7 +32,27 @@ def open_registry(settings: Settings) -> tuple[Registry, Journal | None]:
     def progress(done: int, total: int) -> None:
         log.info("restoring: %d of %d sessions read from the journal", done, total)
 
-    restored = journal.load(settings.tombstone_capacity, progress)
+    restored = journal.load(settings.tombstone_capacity, settings.instance_tag, progress)
+    try:
+        registry, sessions = _restore(settings, journal, restored)
+    except Exception as exc:  # a row that cannot be replayed: a clear refusal, not a traceback
+        raise JournalError(
+            f"the journal in {settings.data_dir} cannot be replayed "
+            f"({type(exc).__name__}: {exc}); nothing was deleted"
+        ) from None
+    journal.save_start(registry.secrets, registry.mint_counter, settings.instance_tag)
+    log.info(
+        "journal %s: %d sessions (%d turns) and %d deleted ids restored in %.2fs",
+        settings.data_dir,
+        sessions,
+        sum(len(w) for w in restored.turns.values()),
+        len(restored.deleted),
+        time.monotonic() - started,
+    )
+    return registry, journal
+
+
+def _restore(settings: Settings, journal: Journal, restored: Restored) -> tuple[Registry, int]:
     registry = _registry(settings, restored.secrets, restored.mint_counter, journal)
     now = time.time()
     deleted = set()
@@ -53,16 +73,7 @@ def open_registry(settings: Settings) -> tuple[Registry, Journal | None]:
             sessions += 1
         if sessions % 50_000 == 0 and sessions:
             log.info("restoring: %d sessions live", sessions)
-    journal.save_start(registry.secrets, registry.mint_counter)
-    log.info(
-        "journal %s: %d sessions (%d turns) and %d deleted ids restored in %.2fs",
-        settings.data_dir,
-        sessions,
-        sum(len(w) for w in restored.turns.values()),
-        len(restored.deleted),
-        time.monotonic() - started,
-    )
-    return registry, journal
+    return registry, sessions
 
 
 def _registry(

@@ -69,14 +69,20 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     create, lookup, remove = registry.create, registry.lookup, registry.remove
 
     async def mint() -> str:
-        sid = registry.mint(Session())
-        if journal is not None:
-            journal.note_minted(registry.mint_counter)
+        if journal is None:
+            return registry.mint(Session())
+        # An id is handed out only below the reservation on disk.
+        while (reserving := journal.reserve_mints(registry.mint_counter)) is not None:
             try:
-                await journal.create(registry.key_of(sid), sid, "minted")
-            except ApiError:
-                remove(sid)  # never handed out; ours, so no tombstone either
-                raise
+                await reserving
+            except ApiError as exc:
+                raise errors.minting_unavailable(exc.message) from None
+        sid = registry.mint(Session())
+        try:
+            await journal.create(registry.key_of(sid), sid, "minted")
+        except ApiError:
+            remove(sid)  # never handed out; ours, so no tombstone either
+            raise
         return sid
 
     async def create_by_id(sid: str) -> None:
