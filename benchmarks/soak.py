@@ -19,7 +19,13 @@ Faults, drawn at random per attempt and counted:
 - ``client_disconnect``: the client gives up while the backend is slow;
 - ``client_abort_upload``: the client closes with half its body sent;
 - ``kill9`` (journal on, server started here): ``kill -9`` and a restart on
-  the same data dir, at evenly spread times.
+  the same data dir, at evenly spread times;
+- ``disk_full`` (journal on, server started here, as root): the data dir is
+  on a tmpfs of its own, filled to the last byte for a few seconds between
+  the kills, then freed. Turns, creates and deletes answer 507 (or 503 for
+  the journal's own I/O errors on the full disk) and change nothing; the
+  harness retries them. ``/health`` must answer 503 while it lasts and 200
+  again once space is back.
 
 An attempt whose outcome the client cannot know (a disconnect, a killed
 server) is retried after a pause, as a harness retries; the model knows such
@@ -37,7 +43,10 @@ the harness reads it):
 - resident memory and open file descriptors are flat after warm-up: over the
   last 80% of the run (less the first seconds after each restart), their
   least-squares trend moves them by at most +-5% (``flatness``, ``--flat-band``);
-- no 500 except the backend's own, injected.
+- no 500 except the backend's own, injected;
+- a refused write (507) changed nothing: a turn refused for lack of space
+  is never in the trajectory, a session whose DELETE was refused is still
+  there, and one deleted with 204 never comes back.
 
     .venv/bin/python benchmarks/soak.py --duration 600 --plot benchmarks/results/soak.png
     .venv/bin/python benchmarks/soak.py --duration 60        # what CI runs
@@ -57,6 +66,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,7 +91,9 @@ BACKEND_FAULTS = (
     "backend_slow",
 )
 CLIENT_FAULTS = ("client_disconnect", "client_abort_upload")
-FAULTS = (*BACKEND_FAULTS, *CLIENT_FAULTS, "kill9")
+FAULTS = (*BACKEND_FAULTS, *CLIENT_FAULTS, "kill9", "disk_full")
+DISK_FULL_S = 3.0  # how long each disk-full episode lasts
+DISK_BYTES = 256 << 20  # the data dir's own tmpfs
 UPSTREAM_TIMEOUT_S = 1.5
 RETRY_PAUSE_S = 1.0  # longer than any answer a disconnected client left behind
 RESTART_WARMUP_S = 8.0
@@ -107,6 +119,8 @@ class Target:
         self.proc: ManagedProcess | None = None
         self.url = a.url
         self.restarts = 0
+        self.disk: Path | None = None  # the data dir's own tmpfs, when one could be mounted
+        self.disk_full = False  # a disk-full episode is on
 
     @property
     def managed(self) -> bool:
@@ -118,7 +132,16 @@ class Target:
         self.echo = start_echo(0.0)
         port = free_port()
         flags = ["--upstream", self.echo.url, "--upstream-timeout-s", str(UPSTREAM_TIMEOUT_S)]
-        flags += ["--log-level", "warning", "--data-dir", str(self.workdir / "data")]
+        data = self.workdir / "data"
+        if self.a.journal and self.a.disk_full:
+            disk = self.workdir / "disk"
+            disk.mkdir()
+            mount = ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(disk)]
+            if subprocess.run(mount, capture_output=True).returncode == 0:
+                self.disk, data = disk, disk / "data"
+            else:
+                print("disk_full faults off: mounting a tmpfs needs root")
+        flags += ["--log-level", "warning", "--data-dir", str(data)]
         if not self.a.journal:
             flags.append("--no-journal")
         self.argv = serve_argv(port, *flags)
@@ -149,10 +172,36 @@ class Target:
             return [psutil.Process(self.proc.pid)]
         return []
 
+    def fill_disk(self) -> None:
+        """Every free byte of the data dir's disk taken (at once: fallocate)."""
+        assert self.disk is not None
+        fd = os.open(self.disk / "ballast", os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            free = os.statvfs(self.disk)
+            size = free.f_bavail * free.f_frsize
+            while size > 0:  # tmpfs may round: take what is left down to the last page
+                try:
+                    os.posix_fallocate(fd, os.fstat(fd).st_size, size)
+                except OSError:
+                    size //= 2
+                    if size < 4096:
+                        break
+        finally:
+            os.close(fd)
+        self.disk_full = True
+
+    def free_disk(self) -> None:
+        assert self.disk is not None
+        with contextlib.suppress(FileNotFoundError):
+            (self.disk / "ballast").unlink()
+        self.disk_full = False
+
     def stop(self) -> None:
         for proc in (self.proc, self.echo):
             if proc is not None:
                 proc.cleanup()
+        if self.disk is not None:
+            subprocess.run(["umount", "-l", str(self.disk)], capture_output=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -177,6 +226,20 @@ class Model:
     active: dict[int, SessionModel] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
     turn_times: list[float] = field(default_factory=list)
+    # Until when a journal write may be refused for lack of space: a disk-full
+    # episode, and the writes queued before it ended.
+    full_until: float = 0.0
+
+    def refused(self, status: int, body: Any) -> bool:
+        """A write the journal refused (507, or its own 503 on the full disk):
+        it changed nothing, and the harness retries it."""
+        if status not in (503, 507) or time.monotonic() > self.full_until:
+            return False
+        error = body.get("error", "") if isinstance(body, dict) else ""
+        if not error.startswith(("journal full", "journal write failed", "cannot mint")):
+            return False
+        self.counts[f"refused_{status}"] += 1
+        return True
 
     def violate(self, text: str) -> None:
         if len(self.violations) < 200:
@@ -298,6 +361,9 @@ class Agent:
             if status == 200 or (status == 409 and sid is not None):
                 self.model.counts[f"created_{kind}"] += 1
                 return SessionModel(body["session_id"] if status == 200 else sid, kind)
+            if self.model.refused(status, body):
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
             self.model.violate(f"create {kind}: unexpected {status} {body!r:.200}")
             await asyncio.sleep(RETRY_PAUSE_S)
 
@@ -358,6 +424,9 @@ class Agent:
             if status in expect:
                 self.model.counts[f"explained_{status}"] += 1
                 continue
+            if self.model.refused(status, reply):  # not recorded: never pending
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
             self.model.violate(
                 f"{session.sid}: chat answered {status} {reply!r:.200} (fault {fault})"
             )
@@ -369,9 +438,13 @@ class Agent:
         session.delete_sent = True
         while True:
             try:
-                status, _ = await self.client.call("DELETE", f"/sessions/{session.sid}")
+                status, reply = await self.client.call("DELETE", f"/sessions/{session.sid}")
             except Unknown:
                 session.delete_unknown = True
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            if self.model.refused(status, reply):  # still live, all of it
+                await check_session(self.client, self.model, session, exact=True)
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
             if status == 404 and session.delete_unknown:
@@ -489,12 +562,19 @@ async def chaos(
     t0: float,
     restarts: list[dict[str, float]],
 ) -> None:
-    """kill -9 and restart at evenly spread times; the checks before agents go on."""
-    if not (target.managed and a.journal) or a.kills == 0:
+    """kill -9 and restart at evenly spread times, the checks before agents go
+    on; a disk-full episode half-way between two kills (never during one)."""
+    if not (target.managed and a.journal):
         return
+    events = [((i + 1) / (a.kills + 1), "kill9") for i in range(a.kills)]
+    if target.disk is not None:
+        events += [((i + 0.5) / (a.kills + 1), "disk_full") for i in range(a.kills + 1)]
     rnd = random.Random(a.seed)
-    for i in range(a.kills):
-        await asyncio.sleep(max(0.0, t0 + a.duration * (i + 1) / (a.kills + 1) - time.monotonic()))
+    for at, kind in sorted(events):
+        await asyncio.sleep(max(0.0, t0 + a.duration * at - time.monotonic()))
+        if kind == "disk_full":
+            await disk_full(target, client, model)
+            continue
         client.gate.clear()  # agents wait from their next request on
         down = await asyncio.to_thread(target.kill_and_restart)
         model.faults["kill9"] += 1
@@ -503,6 +583,67 @@ async def chaos(
         await check_all(client, model, rnd)
         restarts.append({"t": time.monotonic() - t0, "down_s": down})
         client.gate.set()
+
+
+async def disk_full(target: Target, client: Client, model: Model) -> None:
+    """The data dir's disk full for ``DISK_FULL_S``, then freed.
+
+    A journal in a steady state writes into space it already has (the WAL
+    is reused after each checkpoint, deleted sessions' pages are reused), so
+    while the disk is full a grower session sends turns with 1 MB tool
+    results, which need new space: they must be refused (507) and change
+    nothing, while the agents' turns go on. Once space is back, ``/health``
+    is 200 within seconds, and the grower's trajectory holds exactly its
+    answered turns.
+    """
+    model.full_until = float("inf")
+    await asyncio.to_thread(target.fill_disk)
+    model.faults["disk_full"] += 1
+    grower = SessionModel(f"soak-grower-{model.faults['disk_full']}-{time.time_ns()}", "auto")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You grow the journal."}]
+    refused = 0
+    ends = time.monotonic() + DISK_FULL_S
+    while time.monotonic() < ends:
+        answer = f"{grower.sid} answer {len(grower.confirmed)}"
+        sent = [*messages, {"role": "user", "content": big_text(len(messages))}]
+        body = {"messages": sent, "echo": {"text": answer, "logprobs_content": True}}
+        with contextlib.suppress(Unknown):
+            status, reply = await client.call(
+                "POST", f"/sessions/{grower.sid}{CHAT}", body, checker=True
+            )
+            if status == 200:
+                grower.confirmed.append(answer)
+                messages = [*sent, reply["choices"][0]["message"]]
+            elif model.refused(status, reply):
+                refused += 1
+            else:
+                model.violate(f"{grower.sid}: a turn on the full disk answered {status}")
+        await asyncio.sleep(0.1)
+    target.free_disk()
+    model.full_until = time.monotonic() + 2.0  # writes queued before the space came back
+    if not refused:
+        model.violate("a disk-full episode refused no write: the fault was not injected")
+    deadline = time.monotonic() + 15.0
+    while True:
+        with contextlib.suppress(Unknown):
+            status, _ = await client.call("GET", "/health", checker=True)
+            if status == 200:
+                break
+        if time.monotonic() > deadline:
+            model.violate("/health not 200 within 15 s of the space coming back")
+            break
+        await asyncio.sleep(0.2)
+    if grower.confirmed or refused:
+        await check_session(client, model, grower, exact=True, checker=True)
+        with contextlib.suppress(Unknown):
+            status, _ = await client.call("DELETE", f"/sessions/{grower.sid}", checker=True)
+            if status not in (204, 404) or (status == 404 and grower.confirmed):
+                model.violate(f"{grower.sid}: DELETE after the episode answered {status}")
+
+
+def big_text(seed: int, size: int = 1 << 20) -> str:
+    rnd = random.Random(seed)
+    return " ".join(rnd.choice(WORDS) for _ in range(size // 5))
 
 
 async def check_all(client: Client, model: Model, rnd: random.Random) -> None:
@@ -609,7 +750,11 @@ async def soak(a: argparse.Namespace, target: Target) -> dict[str, Any]:
         "turns": model.counts["turns"],
         "turns_per_s": model.counts["turns"] / a.duration,
         "mean_turn_ms": model.counts["turn_ms_total"] / max(1, model.counts["turns"]),
-        "faults": {name: model.faults[name] for name in FAULTS},
+        "faults": {
+            name: model.faults[name]
+            for name in FAULTS
+            if name != "disk_full" or target.disk is not None
+        },
         "restarts": restarts,
         "counts": dict(model.counts),
         "injected_500s": internal,
@@ -673,7 +818,9 @@ def report(res: dict[str, Any], a: argparse.Namespace) -> bool:
     ok = not res["violations"] and res["rss"]["ok"] and res["fds"]["ok"]
     if a.min_faults:
         short = [
-            n for n, k in res["faults"].items() if k < a.min_faults and (n != "kill9" or a.kills)
+            n
+            for n, k in res["faults"].items()
+            if k < a.min_faults and (n != "kill9" or a.kills) and (n != "disk_full" or a.disk_full)
         ]
         if short:
             print(f"fault classes injected fewer than {a.min_faults} times: {', '.join(short)}")
@@ -722,6 +869,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="a running server or cluster (no kill -9 then)")
     p.add_argument(
         "--no-journal", dest="journal", action="store_false", help="memory only (no kills)"
+    )
+    p.add_argument(
+        "--no-disk-full",
+        dest="disk_full",
+        action="store_false",
+        help="no disk-full episodes (on by default when a tmpfs can be mounted: root)",
     )
     p.add_argument("--min-faults", type=int, default=0, help="fail if a fault class got fewer")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""The soak, 60 seconds: a faulty rollout with kill -9 restarts, every invariant checked.
+"""The soak, 60 seconds: a faulty rollout with kill -9 restarts and a full disk, every
+invariant checked.
 
 ``benchmarks/soak.py`` does the work and exits non-zero on any violated
 invariant; this test runs it as a user would and reads its JSON.
@@ -7,6 +8,7 @@ invariant; this test runs it as a user would and reads its JSON.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +33,9 @@ def test_a_minute_of_faults_and_restarts_loses_nothing(tmp_path: Path) -> None:
     assert res["turns"] > 100
     for name, n in res["faults"].items():
         assert n > 0, f"fault {name} never injected"
+    if os.geteuid() == 0:  # the disk-full episodes need a tmpfs of their own
+        assert res["faults"]["disk_full"] > 0
+        assert res["counts"].get("refused_507", 0) > 0
     assert len(res["restarts"]) == 2
     counts = res["counts"]
     assert counts["restart_checks"] == 3  # two restarts and the end
