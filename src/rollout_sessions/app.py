@@ -1,7 +1,7 @@
 """The application: built from settings, started and stopped by the ASGI lifespan.
 
-``create_app(settings)`` opens the journal and restores the registry from it
-(``restart``), and wires the metrics, the routes
+``create_app(settings)`` opens the sessions (``Sessions.open``: the journal,
+and the registry restored from it), and wires the metrics, the routes
 (``sessions_api``, ``chat`` through ``forwarding``, service routes here), the
 request guards and the start-up and shutdown work: the upstream client, the
 embedded echo backend when no upstream is configured, and idle-TTL
@@ -28,8 +28,8 @@ from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
 from rollout_sessions.echo.tokenized import TokenizedTemplate
 from rollout_sessions.errors import ApiError
 from rollout_sessions.metrics import Metrics
-from rollout_sessions.restart import open_registry
 from rollout_sessions.routing import SessionRouter
+from rollout_sessions.sessions import Sessions
 from rollout_sessions.state import AppState
 from rollout_sessions.tito import tito_from_settings
 from rollout_sessions.upstream import Upstream
@@ -57,15 +57,14 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     """Build the app. With no upstream configured, its start-up starts the
     embedded echo backend on ``echo_port`` (any free port if None) and
     forwards to it."""
-    registry, journal = open_registry(settings)
+    sessions = Sessions.open(settings)
     state = AppState(
         settings=settings,
-        registry=registry,
+        sessions=sessions,
         upstream=None,  # type: ignore[arg-type]  # created on start (may need the echo URL)
-        metrics=Metrics(registry.stats, settings.retry_window_s),
+        metrics=Metrics(sessions.registry.stats, settings.retry_window_s),
         instance_id=secrets.token_hex(16),
         guard=Guard(settings.api_key),
-        journal=journal,
         tito=tito_from_settings(
             settings.tokenizer,
             settings.tito_model,
@@ -93,7 +92,7 @@ def _add_service_routes(app: Application, docs: openapi.OpenAPIHandler, state: A
     metrics = state.metrics
     metrics_type = metrics.content_type.encode()
 
-    journal = state.journal
+    journal = state.sessions.journal
 
     async def health(request: Request) -> Response:
         if journal is not None and journal.failure is not None:
@@ -193,8 +192,8 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
         )
         await upstream.start()
         state.upstream = upstream
-        if state.journal is not None:
-            state.journal.start(asyncio.get_running_loop())
+        if state.sessions.journal is not None:
+            state.sessions.journal.start(asyncio.get_running_loop())
         tasks.append(asyncio.create_task(_housekeeping(state), name="rollout-sessions-ttl"))
 
     async def on_stop(app_: Application) -> None:
@@ -205,8 +204,8 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
         tasks.clear()
         if state.upstream is not None:
             await state.upstream.close()
-        if state.journal is not None:
-            await state.journal.close()
+        if state.sessions.journal is not None:
+            await state.sessions.journal.close()
         for echo in echoes:
             await echo.close()
         echoes.clear()
@@ -217,7 +216,7 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
 
 async def _housekeeping(state: AppState) -> None:
     """Idle-TTL eviction in bounded batches, and the young-overwrite warning."""
-    registry = state.registry
+    registry = state.sessions.registry
     settings = state.settings
     tick = min(1.0, settings.session_ttl_s / 4)
     last_young = registry.stats()["young_overwrites"]

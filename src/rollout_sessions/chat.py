@@ -15,16 +15,14 @@ The split lock:
    answer 502 naming them (``answer.parse_answer``; an answer nested too
    deep to be written again too: what the store and the client get is
    made here, ``_checked``);
-4. under the lock again, briefly: if the session is closing or another turn
-   was recorded meanwhile, answer without recording; else check the stored
-   checkpoint is a prefix of the new token ids (500 if not; with TITO it is
-   the ``input_ids`` sent, and an answer whose prompt differs was already a
-   502 after step 3) and record.
+4. ``Sessions.record``, under the lock again: if the session is closing or
+   another turn was recorded meanwhile, answer without recording; else
+   check the stored checkpoint is a prefix of the new token ids (500 if
+   not; with TITO it is the ``input_ids`` sent, and an answer whose prompt
+   differs was already a 502 after step 3) and record, journal first.
 
 The upstream call is never made under the lock, so a DELETE never waits
-for one; with the journal on, step 4 awaits the turn's commit under the
-lock (a DELETE may wait for that, never longer: the record is durable
-before the answer, and the delete is ordered after it).
+for one (the service's rules say the rest: what is answered is durable).
 
 ``stream: true`` is served from the complete upstream answer (the backend
 is always called without streaming: the trajectory needs the whole answer
@@ -47,14 +45,12 @@ from rollout_sessions import errors
 from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.errors import ApiError
 from rollout_sessions.forwarding import client_headers, passthrough
-from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.session import Session
-from rollout_sessions.store import cut_prompt_ids, ids_json
-from rollout_sessions.trajectory import Plan, plan_turn
+from rollout_sessions.registry import NEVER_SEEN
+from rollout_sessions.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
+from rollout_sessions.trajectory import plan_turn
 from rollout_sessions.upstream import Answer
 from rollout_sessions.web import (
     JSON_TYPE,
-    id_checked,
     parse_json,
     query_string,
     read_body,
@@ -66,6 +62,7 @@ if TYPE_CHECKING:
     from rollout_sessions.tito import Tito
 
 SSE_TYPE = b"text/event-stream"
+CHECKPOINT_MISMATCH = "checkpoint_mismatch"  # a turn's outcome: its prompt left the trajectory
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 # What the trajectory needs from the backend, forced on every turn: the
@@ -148,10 +145,8 @@ def _check_request(req: Any) -> None:
 async def chat_completions(state: AppState, session_id: str, request: Request) -> Response:
     """One chat turn; raises ``ApiError`` for every error answer."""
     arrived = time.time()
-    registry = state.registry
-    session = id_checked(registry.lookup, session_id)
-    if session is DELETED or (session is not NEVER_SEEN and session.closing):
-        raise errors.session_not_found(session_id)
+    sessions = state.sessions
+    session = sessions.live_for_turn(session_id)
 
     settings = state.settings
     turn = ChatRequest(
@@ -162,13 +157,9 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
     if session is NEVER_SEEN:
         if tito is not None:  # rendered before creating: a template error creates nothing
             first_ids = _first_turn_ids(tito, turn)
-        # Restart tolerance: an id this server never saw is created on first chat.
-        session = registry.get_or_create(session_id, Session)
-        if session is DELETED or session.closing:  # deleted while the body was read
-            raise errors.session_not_found(session_id)
+        session = sessions.auto_create(session_id)
 
-    lock = session.lock
-    async with lock:
+    async with session.lock:
         if session.closing:
             raise errors.session_not_found(session_id)
         traj = session.traj
@@ -194,10 +185,30 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         state.metrics.chat_turns.inc("upstream_status")
         return passthrough(answer)
     checked = _checked(state, turn, answer.body, input_ids)
-    async with lock:
-        outcome = await _record(state, session_id, session, plan, turn, checked, input_ids, base)
+
+    def prepare(traj: Trajectory) -> TurnWrite | str:
+        # With TITO the prompt was built on the checkpoint and the upstream echoed
+        # it: the prefix holds by construction.
+        if base is not None and input_ids is None and not is_prefix(base, checked):
+            return CHECKPOINT_MISMATCH
+        return traj.prepare(
+            keep=plan.keep,
+            exact=plan.exact,
+            message_bytes=turn.message_bytes,
+            assistant=checked.assistant,
+            rest=turn.rest,
+            with_input_ids=input_ids is not None,
+            prompt=checked.prompt_ids,
+            completion=checked.completion_ids,
+            logprobs=checked.logprobs,
+            answer=checked.answer,
+            cut=checked.cut,
+            timestamps=(time.time(), turn.arrived),
+        )
+
+    outcome = await sessions.record(session_id, session, plan.version, prepare)
     state.metrics.chat_turns.inc(outcome)
-    if outcome == "checkpoint_mismatch":
+    if outcome == CHECKPOINT_MISMATCH:
         raise errors.checkpoint_mismatch(*_mismatch(base, checked))  # type: ignore[arg-type]
     return checked.client
 
@@ -276,57 +287,6 @@ def _first_difference(a: array, b: array) -> int:
 def _mismatch(base: array, checked: CheckedAnswer) -> tuple[int, int, int]:
     tokens = checked.prompt_ids + checked.completion_ids
     return len(base), len(tokens), _first_difference(base, tokens)
-
-
-async def _record(
-    state: AppState,
-    session_id: str,
-    session: Session,
-    plan: Plan,
-    turn: ChatRequest,
-    checked: CheckedAnswer,
-    input_ids: array | None,
-    base: array | None,
-) -> str:
-    """Step 4, under the lock: record the turn (journal first, when there is
-    one), or say why not (the outcome)."""
-    if session.closing:
-        return "closing"
-    if state.registry.lookup(session_id) is not session:
-        # Expired (idle TTL) during the upstream call: the answer goes back,
-        # and nothing is recorded for a session that is gone. (The lookup
-        # also counts the turn's end as activity.)
-        return "closing"
-    traj = session.trajectory
-    if traj.version != plan.version:
-        return "stale"  # a concurrent turn of this session won
-    # With TITO the prompt was built on the checkpoint and the upstream echoed
-    # it: the prefix holds by construction.
-    if base is not None and input_ids is None and not is_prefix(base, checked):
-        return "checkpoint_mismatch"
-    write = traj.prepare(
-        keep=plan.keep,
-        exact=plan.exact,
-        message_bytes=turn.message_bytes,
-        assistant=checked.assistant,
-        rest=turn.rest,
-        with_input_ids=input_ids is not None,
-        prompt=checked.prompt_ids,
-        completion=checked.completion_ids,
-        logprobs=checked.logprobs,
-        answer=checked.answer,
-        cut=checked.cut,
-        timestamps=(time.time(), turn.arrived),
-    )
-    journal = state.journal
-    if journal is not None:
-        # Committed before it is answered (and before the store changes):
-        # a turn answered survives a kill, a failed write changes nothing.
-        key = state.registry.key_of(session_id)
-        # A committed turn (version > 0) means the session's row is written.
-        await journal.turn(key, session_id, "auto", write, has_row=traj.version > 0)
-    traj.apply(write, keep_answer=journal is None)
-    return "recorded"
 
 
 def is_prefix(base: array, checked: CheckedAnswer) -> bool:

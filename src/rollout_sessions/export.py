@@ -30,30 +30,15 @@ from safetensors.numpy import save
 
 from rollout_sessions import errors
 from rollout_sessions.openapi import ID_PARAM, document
-from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
-from rollout_sessions.session import Session
+from rollout_sessions.registry import DELETED, NEVER_SEEN
 from rollout_sessions.store import Trajectory
-from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body, whole
+from rollout_sessions.web import JSON_TYPE, endpoint, parse_json, read_body, whole
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
 
 SAFETENSORS_TYPE = b"application/octet-stream"
 SAMPLES_PATH = "/samples"
-
-
-async def _read(
-    state: AppState, sid: str, session: Session
-) -> tuple[Trajectory, list[array] | None]:
-    """The trajectory (a snapshot) and, when the journal keeps them, its logprobs."""
-    journal = state.journal
-    async with session.lock:  # no turn of this session is being written meanwhile
-        traj = session.trajectory
-        if journal is None:
-            return traj.snapshot_with_logprobs(), None
-        snapshot = traj.snapshot()
-        pending = journal.logprobs(state.registry.key_of(sid))
-    return snapshot, await pending
 
 
 def sample(
@@ -104,20 +89,20 @@ def _wants_json(request: Request) -> bool:
 
 def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     settings = state.settings
-    lookup = state.registry.lookup
+    sessions = state.sessions
 
     async def samples(request: Request) -> Response:
         sid = request.route_values["id"]
-        id_checked(validate_id, sid)
+        sessions.check_id(sid)
         max_seq_len = _max_seq_len(
             await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
         )
-        session = lookup(sid)
+        session = sessions.lookup(sid)
         if session is DELETED:
             raise errors.session_not_found(sid)
         traj, logprobs = None, None
         if session is not NEVER_SEEN and session.traj is not None:
-            traj, logprobs = await _read(state, sid, session)
+            traj, logprobs = await sessions.read_with_logprobs(sid, session)
         arrays, meta = sample(sid, traj, max_seq_len, logprobs)
         if _wants_json(request):
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})

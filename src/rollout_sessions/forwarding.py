@@ -21,13 +21,11 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 from rollout_sessions import errors
 from rollout_sessions.errors import ApiError
 from rollout_sessions.openapi import ID_PARAM, PATH_PARAM, document
-from rollout_sessions.registry import validate_id
 from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
 from rollout_sessions.upstream import HOP_BY_HOP, Answer
 from rollout_sessions.web import (
     endpoint,
     head_answer,
-    id_checked,
     query_string,
     read_body,
     whole,
@@ -191,7 +189,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: Ch
 
     async def proxy_route(request: Request) -> Response:
         sid = request.route_values["id"]
-        id_checked(validate_id, sid)
+        state.sessions.check_id(sid)
         raw = raw_subpath(request)
         if is_chat_subpath(raw):  # e.g. v1/chat/%63ompletions: still the chat route
             if request.method != "POST":

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING
 from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
-    from rollout_sessions.journal import Journal
     from rollout_sessions.metrics import Metrics
-    from rollout_sessions.registry import Registry
+    from rollout_sessions.sessions import Sessions
     from rollout_sessions.tito import Tito
     from rollout_sessions.upstream import Upstream
     from rollout_sessions.web import Guard
@@ -21,12 +20,11 @@ class AppState:
     # Effective settings: with no upstream configured, ``upstream`` holds the
     # embedded echo backend's URL once the app has started.
     settings: Settings
-    registry: Registry
+    sessions: Sessions
     upstream: Upstream
     metrics: Metrics
     instance_id: str
     guard: Guard
-    journal: Journal | None = None  # None: memory only
     tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
 
     @property

@@ -153,15 +153,6 @@ def endpoint(
     return route
 
 
-def id_checked(op: Callable[..., T], session_id: str, *args: Any) -> T:
-    """``op(session_id, *args)`` for a registry operation; the registry's
-    ValueError for an invalid id becomes the 400 answer."""
-    try:
-        return op(session_id, *args)
-    except ValueError as exc:
-        raise errors.invalid_session_id(str(exc)) from None
-
-
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The whole request body; ApiError 413 past ``limit`` bytes, 408 after ``timeout_s``.
 
