@@ -605,7 +605,8 @@ async def disk_full(target: Target, client: Client, model: Model) -> None:
     ends = time.monotonic() + DISK_FULL_S
     while time.monotonic() < ends:
         answer = f"{grower.sid} answer {len(grower.confirmed)}"
-        sent = [*messages, {"role": "user", "content": big_text(len(messages))}]
+        role = "tool" if grower.confirmed else "user"  # a prompt, then tool results
+        sent = [*messages, {"role": role, "content": big_text(len(messages))}]
         body = {"messages": sent, "echo": {"text": answer, "logprobs_content": True}}
         with contextlib.suppress(Unknown):
             status, reply = await client.call(
