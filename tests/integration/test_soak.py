@@ -11,7 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_a_minute_of_faults_and_restarts_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     # Three 20-second process lives are all warm-up: a fresh server's RSS
