@@ -1,22 +1,24 @@
-"""Builds the Cython modules: the registry (src/rollout_sessions/registry/) into
-rollout_sessions.registry._registry, its C core in registry/includes/; and the
-answer's logprob reader, rollout_sessions._logprobs."""
+"""Builds the two Cython extensions from csrc/, whose tree mirrors the modules'
+names (Cython finds a module's own .pxd by its qualified name):
+csrc/rollout_sessions/registry/ (the Cython layer, its .pxd declarations and the
+C core's headers) into rollout_sessions.registry._registry, and
+csrc/rollout_sessions/_logprobs.pyx (the answer's logprob reader) into
+rollout_sessions._logprobs. Their .pyi stubs stay beside the importable modules
+in src/."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-REGISTRY = "src/rollout_sessions/registry"
-
 extensions = [
     Extension(
         "rollout_sessions.registry._registry",
-        sources=[f"{REGISTRY}/_registry.pyx"],
-        include_dirs=[f"{REGISTRY}/includes"],
+        sources=["csrc/rollout_sessions/registry/_registry.pyx"],
+        include_dirs=["csrc/rollout_sessions/registry"],
         extra_compile_args=["-O3"],
     ),
     Extension(
         "rollout_sessions._logprobs",
-        sources=["src/rollout_sessions/_logprobs.pyx"],
+        sources=["csrc/rollout_sessions/_logprobs.pyx"],
         extra_compile_args=["-O3"],
     ),
 ]
@@ -24,12 +26,12 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["src"],
+        include_path=["csrc"],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     ),
     package_data={
         "rollout_sessions": ["*.pyi"],
-        "rollout_sessions.registry": ["*.pxd", "*.pyi", "includes/*.pxd", "includes/*.h"],
+        "rollout_sessions.registry": ["*.pyi"],
         "rollout_sessions.testing": ["templates/*.jinja"],
     },
 )

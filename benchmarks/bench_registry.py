@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import reference_registry as ref  # noqa: E402
+import rollout_sessions.testing.reference_registry as ref  # noqa: E402
 
 OURS_DEFAULT_CAPACITY = 1 << 20  # the server's default TOMBSTONE_CAPACITY
 OURS_DEFAULT_SHARDS = 64

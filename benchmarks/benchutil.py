@@ -23,7 +23,7 @@ RESULTS = HERE / "results"
 
 
 def reference_argv(port: int, upstream: str | None = None, *extra: str) -> list[str]:
-    argv = [sys.executable, str(HERE / "reference_server.py"), "--port", str(port)]
+    argv = [sys.executable, "-m", "rollout_sessions.testing.reference_server", "--port", str(port)]
     if upstream:
         argv += ["--upstream", upstream]
     return argv + list(extra)

@@ -11,7 +11,7 @@ tombstone capacity, separately for self-minted ids and for foreign ids
 Then, per capacity: resident memory of a full ring, delete+tombstone and
 deleted-id lookup throughput, and the horizon reached at several delete
 rates. Writes benchmarks/results/tombstone_capacity.json and
-benchmarks/tombstone_capacity.png.
+benchmarks/plots/tombstone_capacity.png.
 
     python benchmarks/tombstone_capacity.py            # full run (a few minutes)
     python benchmarks/tombstone_capacity.py --quick    # small sizes only
@@ -228,6 +228,7 @@ def plot(runs: list[Run], horizons: list[dict], window: float, path: Path) -> No
     right.set_title("How far back 'delete sticks' reaches")
     right.legend(fontsize=7)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
@@ -253,7 +254,7 @@ def main() -> None:
     parser.add_argument("--http-deletes", type=int, default=30_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--out", type=Path, default=RESULTS / "tombstone_capacity.json")
-    parser.add_argument("--plot", type=Path, default=HERE / "tombstone_capacity.png")
+    parser.add_argument("--plot", type=Path, default=HERE / "plots" / "tombstone_capacity.png")
     parser.add_argument("--no-plot", action="store_true", help="write no plot")
     args = parser.parse_args()
     if args.quick:

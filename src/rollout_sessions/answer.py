@@ -197,8 +197,9 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
 
     Materialising a realistic answer with ``orjson.loads`` (800 logprob entries
     in ``logprobs.content`` and again in ``meta_info``, a prompt of thousands
-    of ids) and freeing it cost ~0.6 ms; simdjson validates the whole
-    document and only the parts read here become objects (~0.2 ms). ``None``
+    of ids) and freeing it was most of the cost of reading it; simdjson
+    validates the whole document and only the parts read here become objects
+    (figures in benchmarks/RESULTS.md and CHANGELOG.md). ``None``
     for anything unusual, and ``_parse_full`` decides (and names the defect):
     a document simdjson refuses (orjson reads some of those: integers past
     64 bits), a duplicate key where this path looks a key up (simdjson finds
@@ -313,8 +314,8 @@ def _may_hold_booleans(raw: bytes) -> bool:
     """False only if every ``"prompt_token_ids":`` key in ``raw`` is followed by a
     list without ``t`` or ``f`` (no ``true``/``false``), as compact JSON writes it.
 
-    A prompt is long: a type scan of it costs ~0.15 ms, these byte scans a few
-    µs. In valid JSON a key's opening quote never follows a backslash, and a
+    A prompt is long: a type scan of its ids costs far more than these byte
+    scans. In valid JSON a key's opening quote never follows a backslash, and a
     quote inside a string always does, so every real key is looked at
     (duplicates too: the parser keeps the last one).
     """

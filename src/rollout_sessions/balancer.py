@@ -39,9 +39,9 @@ from rollout_sessions.config import Settings
 MINTED = re.compile(r"[0-9a-f]{32}")
 VALID_ID = "^[A-Za-z0-9._~:-]{1,128}$"  # the registry's id alphabet and length
 BUFFER_BYTES = 65536  # HAProxy's tune.bufsize: the most of a create body it reads
-# HAProxy costs about a sixth of an instance's CPU per turn: one thread keeps
-# up with five instances at full load. More threads than the load needs cost
-# more per turn (on a shared 2-core machine, 2 threads: +9% against 1).
+# One HAProxy thread keeps up with five instances at full load (its share of
+# an instance's CPU per turn: benchmarks/RESULTS.md, "Cluster"). More threads
+# than the load needs cost more per turn: idle threads contend for the cores.
 INSTANCES_PER_THREAD = 5
 
 
@@ -122,7 +122,7 @@ def haproxy_config(instances: Sequence[Instance], bind: str, port: int, settings
         f"    hard-stop-after {server_timeout + 10}s",
         f"    nbthread {balancer_threads(n)}",
         # 64 KiB buffers (not 16): a realistic turn moves ~300 KB through the
-        # balancer, and fewer, larger reads and writes cost it ~15% less CPU.
+        # balancer, and fewer, larger reads and writes cost it less CPU.
         # Buffers are taken only while data is in transit.
         f"    tune.bufsize {BUFFER_BYTES}",
         *(["", "resolvers dns", "    parse-resolv-conf", "    hold valid 10s"] if dns else []),

@@ -416,7 +416,8 @@ class Journal:
         batch still under ``LINGER_UNTIL`` waits once, at most ``LINGER_S``,
         for the next loop pass's writes. Fewer, larger commits cost less per
         write, on this thread and on the event loop (fewer wake-ups, fuller
-        passes). A lone client (commits of one) never waits.
+        passes; the lifecycle benchmark's gain is in CHANGELOG.md). A lone client
+        (commits of one) never waits.
         """
         batch: list[_Op] = []
         while got is not None:
@@ -519,7 +520,7 @@ class Checkpointer:
     every ``CHECKPOINT_EVERY_S``.
 
     A truncating checkpoint alone holds every write off while it copies and
-    syncs (20-30 ms every 2 s under realistic load, when the writer did it).
+    syncs (a stall of every commit at each checkpoint, when the writer did it).
     Here passive checkpoints copy the bulk while turns keep committing, and a
     restarting one then holds the writer only for what is left, so that the
     WAL file starts over (cut to ``WAL_LIMIT_BYTES``). Once nothing has been

@@ -111,15 +111,15 @@ class Tito:
         self.template_kwargs = dict(template_kwargs or {})
         self.max_trim_tokens = MAX_TRIM_TOKENS.get(rule.name, 0)
         # A fast tokenizer's Rust core, called directly: transformers' own
-        # encode wraps the same call in ~0.2 ms of Python per turn. Without
+        # encode wraps the same call in a layer of Python per turn. Without
         # that wrapper nothing turns off a truncation or padding saved in
         # tokenizer.json, so it is turned off here: a prompt is never cut or padded.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         if self._backend is not None:
             self._backend.no_truncation()
             self._backend.no_padding()
-        # The same ids without the character offsets (10-20% faster; tokenizers
-        # has it since 0.20, the [tito] extra asks for 0.21).
+        # The same ids without the character offsets, which cost time and are
+        # never used (tokenizers has it since 0.20, the [tito] extra asks for 0.21).
         self._encode_fast = self._backend.encode_batch_fast if self._backend else None
         self._special = {token: self._single_id(token) for token in rule.tokens}
 

@@ -28,6 +28,9 @@ from rollout_sessions import demo
 from rollout_sessions.balancer import BUFFER_BYTES, route
 from rollout_sessions.testing.processes import ManagedProcess, clean_env, free_port_range
 
+# Each test starts HAProxy and N serve instances.
+pytestmark = pytest.mark.slow
+
 HOST = "127.0.0.1"
 ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~:-"
 CHAT = "/v1/chat/completions"

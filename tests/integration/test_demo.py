@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from rollout_sessions import demo
 from rollout_sessions.testing.processes import ManagedProcess, free_port, start_echo
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _tally(out: str) -> dict:
@@ -41,7 +38,8 @@ def test_demo_counts_resurrections_and_fails(capsys: pytest.CaptureFixture[str])
     """Against the production-style reference with no tombstone room, retries come back."""
     ref_port = free_port()
     with start_echo() as echo:
-        ref = [sys.executable, str(BENCH / "reference_server.py"), "--port", str(ref_port)]
+        ref = [sys.executable, "-m", "rollout_sessions.testing.reference_server"]
+        ref += ["--port", str(ref_port)]
         ref += ["--upstream", echo.url, "--tombstone-capacity", "0"]
         with ManagedProcess(ref, ref_port) as reference:
             reference.wait_healthy()

@@ -153,6 +153,7 @@ def disk(data: Path) -> int:
     return sum(f.stat().st_size for f in data.glob("journal.sqlite3*") if f.name[-4:] != "-shm")
 
 
+@pytest.mark.slow
 def test_deleting_frees_disk(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data)
@@ -174,6 +175,7 @@ def test_deleting_frees_disk(tmp_path: Path) -> None:
         srv.cleanup()
 
 
+@pytest.mark.slow
 def test_expired_sessions_leave_the_journal(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data, "--session-ttl-s", "1")
@@ -188,6 +190,7 @@ def test_expired_sessions_leave_the_journal(tmp_path: Path) -> None:
         assert conn.execute("SELECT count(*) FROM turns").fetchone()[0] == 0
 
 
+@pytest.mark.slow
 def test_a_session_that_expires_during_its_turn_stays_gone(tmp_path: Path, echo_factory) -> None:
     slow = echo_factory(latency_ms=3000)  # longer than the idle TTL
     data = tmp_path / "data"
@@ -205,6 +208,7 @@ def test_a_session_that_expires_during_its_turn_stays_gone(tmp_path: Path, echo_
         again.cleanup()
 
 
+@pytest.mark.slow
 def test_idle_clocks_survive_a_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data, "--session-ttl-s", "4")
@@ -271,6 +275,7 @@ def test_a_bad_data_dir_is_refused_and_nothing_is_deleted(tmp_path: Path, kind: 
     assert bad.read_bytes() == content
 
 
+@pytest.mark.slow
 def test_disk_use_is_near_the_raw_records(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start(data)

@@ -1,7 +1,7 @@
 """The soak, 60 seconds: a faulty rollout with kill -9 restarts and a full disk, every
 invariant checked.
 
-``benchmarks/soak.py`` does the work and exits non-zero on any violated
+``rollout_sessions.testing.soak`` does the work and exits non-zero on any violated
 invariant; this test runs it as a user would and reads its JSON.
 """
 
@@ -13,9 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOAK = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
+import pytest
 
 
+@pytest.mark.slow
 def test_a_minute_of_faults_and_restarts_loses_nothing(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     # Three 20-second process lives are all warm-up: a fresh server's RSS
@@ -23,7 +24,17 @@ def test_a_minute_of_faults_and_restarts_loses_nothing(tmp_path: Path) -> None:
     # tombstone pages) and levels off later, so this short run holds RSS
     # and fds to +-10%; the 10-minute runs in RESULTS.md hold them to +-5%.
     # A leak of a turn's answer (~74 KB a turn at ~110 turns/s) is far past either.
-    argv = [sys.executable, str(SOAK), "--duration", "60", "--kills", "2", "--json", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "rollout_sessions.testing.soak",
+        "--duration",
+        "60",
+        "--kills",
+        "2",
+        "--json",
+        str(out),
+    ]
     argv += ["--flat-band", "0.1"]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=420)
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]

@@ -74,6 +74,7 @@ def sent_bodies(echo: ManagedProcess) -> list[dict]:
     return requests.get(echo.url + "/echo/requests", timeout=5).json()["requests"]
 
 
+@pytest.mark.slow
 def test_first_log_lines_say_whether_tito_is_on(pair, server: ServerProc) -> None:
     srv, _, _ = pair
     assert "TITO (token-in, token-out) is on" in srv.log()
@@ -160,6 +161,7 @@ def test_refused_requests_change_nothing(pair) -> None:
     assert srv.get(f"/sessions/{sid}").json() == before
 
 
+@pytest.mark.slow
 def test_a_stock_template_breaks_re_rendering_but_not_tito(tokenizer_dirs) -> None:
     # Qwen3's stock template drops earlier <think> blocks once a user message
     # follows: a backend that re-renders no longer extends the trajectory.
@@ -191,6 +193,7 @@ def test_a_stock_template_breaks_re_rendering_but_not_tito(tokenizer_dirs) -> No
             proc.cleanup()
 
 
+@pytest.mark.slow
 def test_glm47_drops_the_stop_token_that_opens_the_next_message(tokenizer_dirs) -> None:
     tok = str(tokenizer_dirs["glm47"])
     echo = start_echo(0.0, "--tokenizer", tok, "--tito-model", "glm47")

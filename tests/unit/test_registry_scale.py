@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from rollout_sessions.registry import DELETED, NEVER_SEEN, Registry
 from rollout_sessions.session import Session
 
 N = 1_000_000
 
 
+@pytest.mark.slow
 def test_million_live_and_million_tombstones():
     reg = Registry(shards=64, tombstone_capacity=N)
     live = [reg.mint(Session()) for _ in range(N)]

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
-SOAK_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.py"
-_spec = importlib.util.spec_from_file_location("soak_under_test", SOAK_PATH)
-assert _spec is not None and _spec.loader is not None
-soak = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = soak  # its dataclasses look their module up
-_spec.loader.exec_module(soak)
+from rollout_sessions.testing import soak
 
 
 def series(duration: float, level, jitter: float = 0.02) -> list[dict[str, float]]:

@@ -1,10 +1,11 @@
 """The session registry: the Python face of the Cython core (``_registry``).
 
-Layout: ``_registry.pyx`` (shards, locks, the Python API), ``_registry.pxd``
-(its layout, for other Cython code), ``_registry.pyi`` (its types), and
-``includes/``: the C core (``rs_ids.h`` ids, ``rs_table.h`` one shard,
-``rs_tombstone.h`` the ring, ``rs_probe.h`` linear probing) with its Cython
-declarations.
+Layout: the sources are in ``csrc/rollout_sessions/registry/`` at the top of
+the repository: ``_registry.pyx`` (shards, locks, the Python API),
+``_registry.pxd`` (its layout, for other Cython code), and the C core
+(``rs_ids.h`` ids, ``rs_table.h`` one shard, ``rs_tombstone.h`` the ring,
+``rs_probe.h`` linear probing) with its Cython declarations (``rs_core.pxd``,
+``rs_pthread.pxd``); ``_registry.pyi`` (its types) is here.
 
 The core is a sharded open-addressing table keyed by 128-bit ids, a ring
 buffer tombstone of fixed capacity, and a per-shard LRU list for idle TTL.

@@ -3,9 +3,9 @@
 
 ``read_pairs``: ``meta_info.output_token_logprobs``.
 
-The answer's 800 ``[logprob, token_id, null]`` entries were a sixth of the
-server's CPU per realistic turn when each became a Python list of three
-objects, only to be copied into two arrays. This reads the entries straight
+The answer's 800 ``[logprob, token_id, null]`` entries were a large share of
+the server's CPU per realistic turn when each became a Python list of three
+objects, only to be copied into two arrays (benchmarks/RESULTS.md). This reads the entries straight
 from the array's minified JSON, as simdjson writes it after validating the
 whole answer, in exactly one shape: ``[[<number>,<digits>,null],...]``.
 Anything else (a text instead of ``null``, a fourth element, an id with a

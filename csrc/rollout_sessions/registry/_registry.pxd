@@ -1,11 +1,11 @@
 # The layout of the Registry type and of its shards, for any Cython code that
 # wants the registry without going through Python calls. The C core it is
-# built on is declared in includes/.
+# built on is declared in rs_core.pxd and rs_pthread.pxd.
 
 from libc.stdint cimport uint32_t, uint64_t
 
-from rollout_sessions.registry.includes.core cimport *
-from rollout_sessions.registry.includes.pthread cimport *
+from rs_core cimport *
+from rs_pthread cimport *
 
 
 # One shard: its table, its lock, and the counters its operations bump.

@@ -22,7 +22,7 @@ access log (our server does not log per request either). The upstream pool
 is sized generously (4096 connections) so the reference is not starved at
 1024 concurrent sessions.
 
-Run: ``python benchmarks/reference_server.py --port 8100 --upstream http://127.0.0.1:8200``
+Run: ``python -m rollout_sessions.testing.reference_server --port 8100 --upstream http://127.0.0.1:8200``
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -43,8 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_registry import (  # noqa: E402
+from rollout_sessions.testing.reference_registry import (
     DELETED,
     LIVE,
     NEVER_SEEN,

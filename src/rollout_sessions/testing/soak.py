@@ -48,8 +48,9 @@ the harness reads it):
   is never in the trajectory, a session whose DELETE was refused is still
   there, and one deleted with 204 never comes back.
 
-    .venv/bin/python benchmarks/soak.py --duration 600 --plot benchmarks/results/soak.png
-    .venv/bin/python benchmarks/soak.py --duration 60        # what CI runs
+    .venv/bin/python -m rollout_sessions.testing.soak --duration 600 \
+        --json benchmarks/results/soak.json --plot benchmarks/plots/soak.png
+    .venv/bin/python -m rollout_sessions.testing.soak --duration 60   # what CI runs
 
 Exit status 0 when every invariant held (and, with ``--min-faults K``, every
 fault class was injected at least K times).
@@ -884,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         default=FLAT_BAND,
         help="how far RSS and fds may trend over the window, as a share of their median",
     )
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/soak.json"))
+    p.add_argument("--json", type=Path, help="write the whole result here")
     p.add_argument("--plot", type=Path, help="a PNG of RSS, fds and turns/s over time")
     a = p.parse_args(argv)
     if a.kills is None:
@@ -895,10 +896,11 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(soak(a, target))
     finally:
         target.stop()
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1))
     ok = report(res, a)
-    print(f"wrote {a.json}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=1))
+        print(f"wrote {a.json}")
     if a.plot:
         plot(res, a.plot)
     return 0 if ok else 1
