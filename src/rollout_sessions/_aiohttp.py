@@ -22,6 +22,11 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
 
+def is_interim(status: int) -> bool:
+    """An interim answer, which a final answer follows (101 ends HTTP instead)."""
+    return 100 <= status < 200 and status != 101
+
+
 class StrictResponseHandler(ResponseHandler):
     """A pooled connection that refuses bytes nobody asked for."""
 
@@ -34,8 +39,12 @@ class StrictResponseHandler(ResponseHandler):
         super().set_response_params(**kwargs)
 
     def feed_data(self, data: Any, size: int = 0) -> None:
-        # Called once per parsed answer with (message, body stream).
-        if self._answer is None:
+        # Called once per parsed answer with (message, body stream), interim
+        # (1xx) answers included: aiohttp's ClientResponse.start skips those
+        # and waits for the next. Their empty body must not count as the
+        # answer's end, or the final answer would arrive "unasked" and close
+        # the connection.
+        if self._answer is None and not is_interim(data[0].code):
             self._answer = data[1]
         super().feed_data(data, size)
 
