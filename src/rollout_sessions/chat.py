@@ -194,6 +194,11 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         state.metrics.chat_turns.inc("upstream_status")
         return passthrough(answer)
     checked = _checked(state, turn, answer.body, input_ids)
+    if base is not None and len(checked.prompt_ids) < len(base):
+        # Tokens of the stored trajectory would be recorded as generated
+        # again: the new turn's span would overlap the previous completion.
+        state.metrics.upstream_errors.inc("malformed")
+        raise errors.upstream_prompt_short(len(checked.prompt_ids), len(base))
     async with lock:
         outcome = await _record(state, session_id, session, plan, turn, checked, input_ids, base)
     state.metrics.chat_turns.inc(outcome)
@@ -330,11 +335,10 @@ async def _record(
 
 
 def is_prefix(base: array, checked: CheckedAnswer) -> bool:
-    """Whether ``base`` is a prefix of the answer's prompt + completion ids."""
+    """Whether ``base`` is a prefix of the answer's prompt ids: a turn's prompt
+    covers the whole trajectory before it (a shorter one is refused earlier)."""
     prompt, n = checked.prompt_ids, len(base)
-    if len(prompt) >= n:
-        return prompt[:n] == base
-    return (prompt + checked.completion_ids)[:n] == base
+    return len(prompt) >= n and prompt[:n] == base
 
 
 def _client_answer(turn: ChatRequest, parsed: ParsedAnswer) -> Response:
