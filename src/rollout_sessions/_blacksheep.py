@@ -40,7 +40,7 @@ def document_without_binders(endpoint: Any) -> None:
 def all_routes(router: Router) -> Iterator[Route]:
     for routes in router.routes.values():
         yield from routes
-    for _method, route in router._registered_routes:
+    for _method, route in router.registered_routes:
         yield route
 
 
