@@ -62,9 +62,11 @@ class StrictResponseHandler(ResponseHandler):
             self._awaiting = False  # complete: any further byte is unsolicited
 
 
-def strict_connector(**kwargs: Any) -> aiohttp.TCPConnector:
-    """An ``aiohttp.TCPConnector`` whose connections are ``StrictResponseHandler``s."""
+def strict_connector(
+    handler: type[StrictResponseHandler] = StrictResponseHandler, **kwargs: Any
+) -> aiohttp.TCPConnector:
+    """An ``aiohttp.TCPConnector`` whose connections are ``handler``s."""
     connector = aiohttp.TCPConnector(**kwargs)
     factory = connector._factory  # functools.partial(ResponseHandler, loop=loop)
-    connector._factory = lambda: StrictResponseHandler(*factory.args, **factory.keywords)
+    connector._factory = lambda: handler(*factory.args, **factory.keywords)
     return connector
