@@ -10,8 +10,11 @@ waiting on it, so that connection is never reused.
 
 Internals used: ``ResponseHandler.set_response_params`` (called by aiohttp
 once per request, before it is sent), ``ResponseHandler.feed_data`` (called
-once per parsed answer with its body stream) and ``BaseConnector._factory``
-(the protocol factory of the pool). aiohttp is pinned below 4.
+once per parsed answer with its body stream, interim 1xx answers included:
+``ClientResponse`` skips those itself), ``data_received``, ``force_close``
+and ``BaseConnector._factory``
+(the protocol factory of the pool). aiohttp is pinned to one minor version
+(docs/internals.md).
 """
 
 from __future__ import annotations

@@ -26,12 +26,17 @@ class (``Config(http=...)``); nothing here parses or frames HTTP:
   ``BATCH_BYTES`` are waiting, or at the next pass of the event loop,
   whichever comes first (create, read, delete: 4-12% less CPU a session).
 
+``Server`` is uvicorn's server with two log lines: when it listens and when
+a stop begins (``startup`` and ``handle_exit``, the handler uvicorn installs
+for SIGINT and SIGTERM while it serves).
+
 uvicorn names used: ``HttpToolsProtocol`` and its ``connections``,
 ``parser``, ``transport`` (the cycle of each request writes through it),
 ``loop``, ``on_response_complete``, ``cycle`` (``response_complete``),
 ``expect_100_continue``, ``send_400_response``, ``server_state.default_headers``,
-``STATUS_LINE`` and the parser callbacks.
-uvicorn is pinned below 1.
+``STATUS_LINE`` and the parser callbacks; ``Server.startup`` and
+``Server.handle_exit``. uvicorn is pinned to one minor version
+(docs/internals.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ behind an LRU cache keyed by path. Session ids are all different, so every
 GET/DELETE of a session would miss that cache and walk the regexes.
 ``SessionRouter`` recognises ``/sessions/`` plus one segment first and
 asks that one route to match (its public ``Route.match_by_path``: one regex,
-no cache); every other path goes to the stock matcher.
+no cache); every other path goes to the stock matcher. It overrides
+``Router.get_match``, the call BlackSheep's application routes each request
+with (docs/internals.md).
 """
 
 from __future__ import annotations
