@@ -15,6 +15,7 @@ import logging.config
 import resource
 import signal
 import socket
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -99,14 +100,21 @@ async def settle_gc(app: Application) -> None:
     gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
-def _stopped(sig: int, frame: FrameType | None) -> None:
-    """Our handler for a stop signal outside ``Server.run``.
+def stop_handler(server: Server) -> Callable[[int, FrameType | None], None]:
+    """Our handler for SIGINT and SIGTERM outside ``server.run``.
 
-    While it runs, uvicorn's own handler replaces ours; after a graceful stop
-    uvicorn puts ours back and delivers the signal again, to us: the stop is
+    While uvicorn serves, its own handler replaces ours. After a graceful
+    stop it puts ours back and delivers the signal again, to us: the stop is
     done, so the signal has nothing left to do (Python's and the OS's default
     would end the process with KeyboardInterrupt or -SIGTERM instead of 0).
+    A signal that arrives before uvicorn took over starts the graceful stop.
     """
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        if not server.should_exit:
+            server.handle_exit(sig, frame)
+
+    return stop
 
 
 def serve(settings: Settings) -> int:
@@ -147,7 +155,8 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = Server(config, GRACEFUL_SHUTDOWN_S)
-    originals = {sig: signal.signal(sig, _stopped) for sig in STOP_SIGNALS}
+    stop = stop_handler(server)
+    originals = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when start-up fails

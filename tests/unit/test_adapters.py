@@ -610,3 +610,24 @@ def test_a_stop_signal_reaches_handle_exit_then_the_handler_installed_before(cap
         f"listening on http://127.0.0.1:{port}",
         "stopping: no new connections; requests in flight finish (at most 5s)",
     ]
+
+
+def test_a_stop_signal_before_uvicorn_takes_over_stops_it_gracefully():
+    # `serve`'s own handler is in place from just before `Server.run`; a stop
+    # signal that lands before uvicorn installs its handler sets uvicorn's
+    # `should_exit`, which uvicorn honours right after start-up.
+    from rollout_sessions.server import stop_handler
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Server(uvicorn.Config(_app, port=port, lifespan="off", log_config=None), 5)
+    stop = stop_handler(server)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        signal.raise_signal(signal.SIGTERM)
+        assert server.should_exit
+        server.run()  # starts, stops at once, and the re-delivered signal ends nothing
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert server.started
