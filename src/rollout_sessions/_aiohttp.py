@@ -10,8 +10,11 @@ waiting on it, so that connection is never reused.
 
 Internals used: ``ResponseHandler.set_response_params`` (called by aiohttp
 once per request, before it is sent), ``ResponseHandler.feed_data`` (called
-once per parsed answer with its body stream) and ``BaseConnector._factory``
-(the protocol factory of the pool). aiohttp is pinned below 4.
+once per parsed answer with its body stream, interim 1xx answers included:
+``ClientResponse`` skips those itself), ``data_received``, ``force_close``
+and ``BaseConnector._factory``
+(the protocol factory of the pool). aiohttp is pinned to one minor version
+(docs/internals.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+
+
+def is_interim(status: int) -> bool:
+    """An interim answer, which a final answer follows (101 ends HTTP instead)."""
+    return 100 <= status < 200 and status != 101
 
 
 class StrictResponseHandler(ResponseHandler):
@@ -34,8 +42,12 @@ class StrictResponseHandler(ResponseHandler):
         super().set_response_params(**kwargs)
 
     def feed_data(self, data: Any, size: int = 0) -> None:
-        # Called once per parsed answer with (message, body stream).
-        if self._answer is None:
+        # Called once per parsed answer with (message, body stream), interim
+        # (1xx) answers included: aiohttp's ClientResponse.start skips those
+        # and waits for the next. Their empty body must not count as the
+        # answer's end, or the final answer would arrive "unasked" and close
+        # the connection.
+        if self._answer is None and not is_interim(data[0].code):
             self._answer = data[1]
         super().feed_data(data, size)
 
@@ -53,9 +65,11 @@ class StrictResponseHandler(ResponseHandler):
             self._awaiting = False  # complete: any further byte is unsolicited
 
 
-def strict_connector(**kwargs: Any) -> aiohttp.TCPConnector:
-    """An ``aiohttp.TCPConnector`` whose connections are ``StrictResponseHandler``s."""
+def strict_connector(
+    handler: type[StrictResponseHandler] = StrictResponseHandler, **kwargs: Any
+) -> aiohttp.TCPConnector:
+    """An ``aiohttp.TCPConnector`` whose connections are ``handler``s."""
     connector = aiohttp.TCPConnector(**kwargs)
     factory = connector._factory  # functools.partial(ResponseHandler, loop=loop)
-    connector._factory = lambda: StrictResponseHandler(*factory.args, **factory.keywords)
+    connector._factory = lambda: handler(*factory.args, **factory.keywords)
     return connector

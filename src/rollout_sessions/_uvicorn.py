@@ -26,24 +26,35 @@ class (``Config(http=...)``); nothing here parses or frames HTTP:
   ``BATCH_BYTES`` are waiting, or at the next pass of the event loop,
   whichever comes first (its gain: CHANGELOG.md).
 
+``Server`` is uvicorn's server with two log lines: when it listens and when
+a stop begins (``startup`` and ``handle_exit``, the handler uvicorn installs
+for SIGINT and SIGTERM while it serves).
+
 uvicorn names used: ``HttpToolsProtocol`` and its ``connections``,
 ``parser``, ``transport`` (the cycle of each request writes through it),
 ``loop``, ``on_response_complete``, ``cycle`` (``response_complete``),
 ``expect_100_continue``, ``send_400_response``, ``server_state.default_headers``,
-``STATUS_LINE`` and the parser callbacks.
-uvicorn is pinned below 1.
+``STATUS_LINE`` and the parser callbacks; ``Server.startup`` and
+``Server.handle_exit``. uvicorn is pinned to one minor version
+(docs/internals.md).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import weakref
+from types import FrameType
 from typing import Any
 
 import orjson
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from rollout_sessions import errors
+
+log = logging.getLogger("rollout_sessions")
 
 MAX_HEAD_BYTES = 64 * 1024
 # Bytes an answer may hold back before they go to the transport anyway, so
@@ -237,3 +248,30 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Http
         (GuardedHttpToolsProtocol,),
         {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
     )
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that says when it listens and when a stop begins.
+
+    ``startup`` is uvicorn's step that binds the sockets (after the app's own
+    start-up); ``handle_exit`` is the handler uvicorn installs for SIGINT and
+    SIGTERM while it serves. Both are overridden only to log.
+    """
+
+    def __init__(self, config: uvicorn.Config, graceful_s: float) -> None:
+        super().__init__(config)
+        self.graceful_s = graceful_s
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            config = self.config
+            log.info("listening on http://%s:%d", config.host, config.port)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            log.info(
+                "stopping: no new connections; requests in flight finish (at most %ds)",
+                self.graceful_s,
+            )
+        super().handle_exit(sig, frame)

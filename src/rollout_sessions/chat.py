@@ -185,6 +185,11 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         state.metrics.chat_turns.inc("upstream_status")
         return passthrough(answer)
     checked = _checked(state, turn, answer.body, input_ids)
+    if base is not None and len(checked.prompt_ids) < len(base):
+        # Tokens of the stored trajectory would be recorded as generated
+        # again: the new turn's span would overlap the previous completion.
+        state.metrics.upstream_errors.inc("malformed")
+        raise errors.upstream_prompt_short(len(checked.prompt_ids), len(base))
 
     def prepare(traj: Trajectory) -> TurnWrite | str:
         # With TITO the prompt was built on the checkpoint and the upstream echoed
@@ -290,11 +295,10 @@ def _mismatch(base: array, checked: CheckedAnswer) -> tuple[int, int, int]:
 
 
 def is_prefix(base: array, checked: CheckedAnswer) -> bool:
-    """Whether ``base`` is a prefix of the answer's prompt + completion ids."""
+    """Whether ``base`` is a prefix of the answer's prompt ids: a turn's prompt
+    covers the whole trajectory before it (a shorter one is refused earlier)."""
     prompt, n = checked.prompt_ids, len(base)
-    if len(prompt) >= n:
-        return prompt[:n] == base
-    return (prompt + checked.completion_ids)[:n] == base
+    return len(prompt) >= n and prompt[:n] == base
 
 
 def _client_answer(turn: ChatRequest, parsed: ParsedAnswer) -> Response:

@@ -157,6 +157,15 @@ def upstream_ignored_input_ids(sent: int, received: int, first_diff: int) -> Api
     )
 
 
+def upstream_prompt_short(received: int, stored: int) -> ApiError:
+    return ApiError(
+        502,
+        f"malformed backend answer: prompt_token_ids ({received} tokens) stop short of the "
+        f"stored checkpoint ({stored} tokens); a turn's prompt must contain the whole "
+        f"trajectory before it, turn not recorded",
+    )
+
+
 def upstream_transport_error(detail: str) -> ApiError:
     return ApiError(502, f"backend transport error: {detail}")
 

@@ -12,9 +12,11 @@ trajectory's size (records are quadratic):
   ``max_seq_len`` cut it, ``truncated: true`` with the ``original_length``.
 
 The answer is ``application/octet-stream`` safetensors (the metadata in its
-``__metadata__``, values as JSON text), or JSON lists with ``Accept:
-application/json``. Body: ``{}`` or ``{"max_seq_len": n}``. A deleted id is
-404; a never-seen id answers an empty sample and nothing is created.
+``__metadata__``, values as JSON text; the same trajectory gives the same
+bytes in any process), or JSON lists when ``Accept`` names
+``application/json`` with q > 0, at least as preferred as safetensors.
+Body: ``{}`` or ``{"max_seq_len": n}``. A deleted id is 404; a never-seen
+id answers an empty sample and nothing is created.
 """
 
 from __future__ import annotations
@@ -66,8 +68,31 @@ def sample(
         meta.update(truncated=True, original_length=len(tokens), length=max_seq_len)
         tokens, mask, values = tokens[:max_seq_len], mask[:max_seq_len], values[:max_seq_len]
         meta["turns"] = [[a, min(b, max_seq_len)] for a, b in turns if a < max_seq_len]
+        meta["num_assistant"] = len(meta["turns"])  # the turns the sample still holds
     arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": values}
     return arrays, meta
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bytes:
+    """``arrays`` and ``meta`` (values as JSON text) as safetensors, the same
+    bytes for the same input in every process.
+
+    safetensors keeps ``__metadata__`` in a hash map seeded per process, so
+    its key order, and the file's bytes, change from run to run. The header
+    is written again here: the metadata in ``meta``'s order, the tensors in
+    the order of their data, padded with spaces so the data stays 8-byte
+    aligned; the data itself is the library's, untouched (its offsets are
+    relative to the end of the header).
+    """
+    text = {k: v if type(v) is str else orjson.dumps(v).decode() for k, v in meta.items()}
+    raw = save(arrays, metadata=text)
+    size = int.from_bytes(raw[:8], "little")
+    header = orjson.loads(raw[8 : 8 + size])
+    del header["__metadata__"]
+    tensors = sorted(header.items(), key=lambda item: item[1]["data_offsets"])
+    head = orjson.dumps({"__metadata__": text, **dict(tensors)})
+    head += b" " * (-len(head) % 8)
+    return b"".join((len(head).to_bytes(8, "little"), head, memoryview(raw)[8 + size :]))
 
 
 def _max_seq_len(body: bytes) -> int | None:
@@ -82,9 +107,50 @@ def _max_seq_len(body: bytes) -> int | None:
     return value
 
 
+def media_ranges(accept: bytes) -> list[tuple[bytes, float]]:
+    """An ``Accept`` value as ``(range, quality)`` pairs, ranges lowercase
+    (``type/subtype``, ``type/*`` or ``*/*``), parameters other than ``q`` dropped."""
+    ranges = []
+    for item in accept.lower().split(b","):
+        name, *params = item.split(b";")
+        name = name.strip()
+        if not name:
+            continue
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition(b"=")
+            if key.strip() == b"q":
+                try:
+                    quality = float(value.strip())
+                except ValueError:
+                    quality = 0.0  # unreadable: not a preference to honour
+        ranges.append((name, quality))
+    return ranges
+
+
+def quality(ranges: list[tuple[bytes, float]], media_type: bytes) -> float | None:
+    """The quality ``ranges`` give ``media_type``: that of the most specific
+    range matching it (RFC 9110, 12.5.1); ``None`` when none matches."""
+    kind = media_type.split(b"/", 1)[0] + b"/*"
+    best: tuple[int, float] | None = None
+    for name, q in ranges:
+        rank = 3 if name == media_type else 2 if name == kind else 1 if name == b"*/*" else 0
+        if rank and (best is None or rank > best[0]):
+            best = (rank, q)
+    return None if best is None else best[1]
+
+
 def _wants_json(request: Request) -> bool:
-    accept = request.get_first_header(b"accept") or b""
-    return b"application/json" in accept.lower()
+    """JSON when the client names ``application/json`` itself (a wildcard only
+    ever means the default, safetensors), acceptable (q > 0), and preferred
+    at least as much as safetensors."""
+    accept = b",".join(request.get_headers(b"accept"))
+    if not accept:
+        return False
+    ranges = media_ranges(accept)
+    json_q = next((q for name, q in ranges if name == JSON_TYPE), 0.0)
+    binary_q = quality(ranges, SAFETENSORS_TYPE)
+    return json_q > 0 and (binary_q is None or json_q >= binary_q)
 
 
 def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
@@ -107,8 +173,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         if _wants_json(request):
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
             return Response(200, None, whole(JSON_TYPE, body))
-        text_meta = {k: v if type(v) is str else orjson.dumps(v).decode() for k, v in meta.items()}
-        return Response(200, None, whole(SAFETENSORS_TYPE, save(arrays, metadata=text_meta)))
+        return Response(200, None, whole(SAFETENSORS_TYPE, safetensors_bytes(arrays, meta)))
 
     ep = document(
         docs,

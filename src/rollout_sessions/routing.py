@@ -4,9 +4,10 @@ BlackSheep's stock router tries a method's routes in turn, each a regex,
 behind an LRU cache keyed by path. Session ids are all different, so every
 GET/DELETE of a session would miss that cache and walk the regexes.
 ``SessionRouter`` recognises ``/sessions/`` plus one segment first and
-matches there exactly what the stock route would (its regex is ``[^/]+``;
-the match decodes the value the same way); every other path goes to the
-stock matcher.
+asks that one route to match (its public ``Route.match_by_path``: one regex,
+no cache); every other path goes to the stock matcher. It overrides
+``Router.get_match``, the call BlackSheep's application routes each request
+with (docs/internals.md).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class SessionRouter(Router):
             raw_id = path[self.ID_AT :]
             if raw_id and b"/" not in raw_id:
                 route = self._by_id.get(method)
-                if route is not None:
-                    return RouteMatch(route, {"id": raw_id})
+                match = route.match_by_path(path) if route is not None else None
+                if match is not None:
+                    return match
         return self.get_match_by_method_and_path(method, path)
 
 

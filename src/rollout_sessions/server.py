@@ -9,21 +9,20 @@ closes idle connections, lets requests in flight finish (at most
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import logging.config
 import resource
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from blacksheep import Application
 
-from rollout_sessions._uvicorn import guarded_protocol
+from rollout_sessions._uvicorn import Server, guarded_protocol
 from rollout_sessions.app import create_app
 from rollout_sessions.config import Settings, unknown_env_vars
 from rollout_sessions.journal_db import JournalError
@@ -101,33 +100,21 @@ async def settle_gc(app: Application) -> None:
     gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server that says where it listens and exits 0 after a graceful stop."""
+def stop_handler(server: Server) -> Callable[[int, FrameType | None], None]:
+    """Our handler for SIGINT and SIGTERM outside ``server.run``.
 
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            config = self.config
-            log.info("listening on http://%s:%d", config.host, config.port)
+    While uvicorn serves, its own handler replaces ours. After a graceful
+    stop it puts ours back and delivers the signal again, to us: the stop is
+    done, so the signal has nothing left to do (Python's and the OS's default
+    would end the process with KeyboardInterrupt or -SIGTERM instead of 0).
+    A signal that arrives before uvicorn took over starts the graceful stop.
+    """
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn's own version re-raises the signal after the graceful stop,
-        # which ends the process with -SIGTERM instead of 0.
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
+    def stop(sig: int, frame: FrameType | None) -> None:
+        if not server.should_exit:
+            server.handle_exit(sig, frame)
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if not self.should_exit:
-            log.info(
-                "stopping: no new connections; requests in flight finish (at most %ds)",
-                GRACEFUL_SHUTDOWN_S,
-            )
-        super().handle_exit(sig, frame)
+    return stop
 
 
 def serve(settings: Settings) -> int:
@@ -167,11 +154,16 @@ def serve(settings: Settings) -> int:
         timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _Server(config)
+    server = Server(config, GRACEFUL_SHUTDOWN_S)
+    stop = stop_handler(server)
+    originals = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits this way when start-up fails
         return int(exc.code or 1)
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)
     if not server.started:
         return 1
     log.info("stopped")

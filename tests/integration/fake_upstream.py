@@ -16,7 +16,10 @@ their content names the last message, so a test can tell whose answer it is.
   its visits);
 - ``"json"``: the chat answer is ``custom`` (a dict) as given;
 - ``"raw"``: the chat answer is ``custom`` (bytes) as given;
-- ``"huge"``: a 200 answer declared (and sent) larger than ``huge_bytes``.
+- ``"huge"``: a 200 answer declared (and sent) larger than ``huge_bytes``;
+- ``"interim"``: before the normal answer, one interim answer per status in
+  ``interim`` (e.g. ``[103]``), each in its own write, 50 ms apart, so each
+  arrives in its own TCP segment.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class FakeUpstream:
         self.mode = "normal"
         self.custom: Any = None  # a dict ("json") or bytes ("raw")
         self.huge_bytes = 0
+        self.interim: list[int] = []
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.elsewhere_visits = 0
         self._loop = asyncio.new_event_loop()
@@ -112,6 +116,11 @@ class FakeUpstream:
         if mode == "raw":  # bytes as given (orjson cannot write everything a backend can)
             writer.write(_response(200, self.custom))
             return
+        if mode == "interim":
+            for status in self.interim:
+                writer.write(_interim(status))
+                await writer.drain()
+                await asyncio.sleep(0.05)
         request = orjson.loads(body) if body else {}
         answer = _response(200, orjson.dumps(chat_answer(request)))
         stray = _response(200, orjson.dumps(chat_answer({"messages": [{"content": "STRAY"}]})))
@@ -156,3 +165,9 @@ def _response(status: int, body: bytes, headers: list[tuple[str, str]] | None = 
     lines += ["Content-Type: application/json"] if body else []
     lines += [f"{k}: {v}" for k, v in headers or []]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _interim(status: int) -> bytes:
+    """An interim (1xx) answer head; 103 carries a header as Early Hints do."""
+    extra = "Link: </style.css>; rel=preload\r\n" if status == 103 else ""
+    return f"HTTP/1.1 {status} Interim\r\n{extra}\r\n".encode()

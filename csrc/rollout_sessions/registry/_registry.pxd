@@ -57,7 +57,7 @@ cdef class Registry:
     cdef bytes _secrets
     cdef object _on_evict
 
-    cdef int _parse(self, object sid, rs_id *out) except -1
+    cdef int _parse(self, object sid, rs_id *out, bint restored=*) except -1
     cdef double _now(self) noexcept nogil
     cdef void _release(self, rs_dead *dead, int n)
     cdef bint _is_deleted(self, const rs_id *rid) noexcept

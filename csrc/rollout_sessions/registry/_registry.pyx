@@ -62,14 +62,20 @@ cdef str _invalid_reason(int code, object sid, size_t bad_at):
         return "invalid session id: empty"
     if code == RS_ID_TOO_LONG:
         return f"invalid session id: {len(sid)} characters, at most {RS_MAX_ID_LEN} allowed"
+    if code == RS_ID_DOT_SEGMENT:
+        return f"invalid session id: {sid!r} is a dot segment, which HTTP clients remove from paths"
     return (
         f"invalid session id: character {sid[bad_at]!r} at position {bad_at}"
         f" is not in {ALLOWED_ID_CHARS}"
     )
 
 
-cdef int _check_id(object sid) except -1:
-    """Raises ValueError unless ``sid`` is a valid id; the one place ids are judged."""
+cdef int _check_id(object sid, bint restored=False) except -1:
+    """Raises ValueError unless ``sid`` is a valid id; the one place ids are judged.
+
+    ``restored``: an id read back from the journal, which may predate the rule
+    against dot segments; such a session comes back (unreachable over HTTP,
+    it expires by the idle TTL) instead of failing the start-up."""
     cdef size_t bad_at = 0
     cdef int code
     cdef Py_ssize_t i
@@ -82,7 +88,7 @@ cdef int _check_id(object sid) except -1:
             if ord(sid[i]) > 127:
                 raise ValueError(_invalid_reason(RS_ID_BAD_CHAR, sid, i))
     code = rs_validate(<const uint8_t *>PyUnicode_DATA(sid), PyUnicode_GET_LENGTH(sid), &bad_at)
-    if code != RS_ID_OK:
+    if code != RS_ID_OK and not (restored and code == RS_ID_DOT_SEGMENT):
         raise ValueError(_invalid_reason(code, sid, bad_at))
     return 0
 
@@ -285,8 +291,8 @@ cdef class Registry:
 
     # -- internals -------------------------------------------------------
 
-    cdef int _parse(self, object sid, rs_id *out) except -1:
-        _check_id(sid)
+    cdef int _parse(self, object sid, rs_id *out, bint restored=False) except -1:
+        _check_id(sid, restored)
         cdef const uint8_t *data = <const uint8_t *>PyUnicode_DATA(sid)
         cdef Py_ssize_t n = PyUnicode_GET_LENGTH(sid)
         out.hexid = rs_parse_hex128(data, n, &out.key)
@@ -523,7 +529,7 @@ cdef class Registry:
         cdef rs_shard *sh
         cdef int64_t slot
         cdef int32_t e = RS_NIL
-        self._parse(sid, &rid)
+        self._parse(sid, &rid, True)
         sh = &self._shards[rid.shard]
         Py_INCREF(obj)
         _lock(&sh.lock)

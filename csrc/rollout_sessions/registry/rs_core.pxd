@@ -16,6 +16,7 @@ cdef extern from "rs_ids.h" nogil:
         RS_ID_EMPTY
         RS_ID_TOO_LONG
         RS_ID_BAD_CHAR
+        RS_ID_DOT_SEGMENT
         RS_MAX_ID_LEN
         RS_MAX_TAG
     uint64_t rs_siphash24(const uint8_t *data, size_t n, uint64_t k0, uint64_t k1)

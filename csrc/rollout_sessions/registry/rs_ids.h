@@ -25,7 +25,7 @@ typedef struct {
 } rs_key;
 
 /* Outcome of rs_validate: 0 is valid, the others name the reason. */
-enum { RS_ID_OK = 0, RS_ID_EMPTY = 1, RS_ID_TOO_LONG = 2, RS_ID_BAD_CHAR = 3 };
+enum { RS_ID_OK = 0, RS_ID_EMPTY = 1, RS_ID_TOO_LONG = 2, RS_ID_BAD_CHAR = 3, RS_ID_DOT_SEGMENT = 4 };
 
 static inline uint64_t rs_rotl(uint64_t x, int b) { return (x << b) | (x >> (64 - b)); }
 
@@ -128,6 +128,9 @@ static inline int rs_validate(const uint8_t *s, size_t len, size_t *bad_at) {
             return RS_ID_BAD_CHAR;
         }
     }
+    /* "." and "..": HTTP clients remove them from a path, so no request could
+     * ever address a session under either id. */
+    if (s[0] == '.' && (len == 1 || (len == 2 && s[1] == '.'))) return RS_ID_DOT_SEGMENT;
     return RS_ID_OK;
 }
 
