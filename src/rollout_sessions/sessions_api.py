@@ -7,7 +7,9 @@
 - ``DELETE /sessions/{id}``: 204; unknown, deleted or closing is 404. The
   session is marked closing first (a chat turn arriving meanwhile gets 404),
   then removed under its lock, which is held only for a turn's short locked
-  steps, never across an upstream call. The id never comes back.
+  steps, never across an upstream call. The id never comes back. With
+  ``CANCEL_ON_DELETE`` its turns waiting for the backend are then cancelled
+  (their connections closed) and answer 404.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     registry = state.registry
     settings = state.settings
     journal = state.journal
+    inflight = state.inflight
     create, lookup, remove = registry.create, registry.lookup, registry.remove
 
     async def mint() -> str:
@@ -151,6 +154,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         except ApiError:
             session.closing = False  # nothing changed
             raise
+        if inflight is not None:
+            # Gone for good: its turns at the backend are aborted (CANCEL_ON_DELETE).
+            state.metrics.upstream_cancelled += inflight.cancel(session)
         return Response(204)
 
     async def forget(sid: str, session: Session) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
+    from rollout_sessions.controls import InFlight, Overrides
     from rollout_sessions.journal import Journal
     from rollout_sessions.metrics import Metrics
     from rollout_sessions.registry import Registry
@@ -28,6 +29,8 @@ class AppState:
     guard: Guard
     journal: Journal | None = None  # None: memory only
     tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
+    overrides: Overrides | None = None  # SAMPLING_OVERRIDES, when there are any
+    inflight: InFlight | None = None  # upstream calls a DELETE cancels (CANCEL_ON_DELETE)
 
     @property
     def max_trim_tokens(self) -> int:
