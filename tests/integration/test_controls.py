@@ -348,3 +348,41 @@ def test_delete_cancels_tito_turns_too(backend, qwen3_tokenizer: Path) -> None:
         assert len(srv.get("/sessions/tito-other").json()["records"]) == 1
     finally:
         srv.cleanup()
+
+
+async def _race_rounds(url: str, rounds: int, turns: int) -> list[int]:
+    statuses: list[int] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        for r in range(rounds):
+            sid = f"race-{r}"
+            # Answers due from 0 to 40 ms; the DELETE lands in the middle of them.
+            tasks = [asyncio.create_task(_turn(http, url, sid, 0.005 * k, k)) for k in range(turns)]
+            await asyncio.sleep(0.02)
+            async with http.delete(f"{url}/sessions/{sid}") as resp:
+                assert resp.status in (204, 404)  # 404: no turn had created it yet
+            statuses += [status for status, _, _ in await asyncio.gather(*tasks)]
+    return statuses
+
+
+@pytest.mark.parametrize("journal", ["on", "off"])
+def test_an_answer_racing_the_delete_is_recorded_and_200_or_unrecorded_and_404(
+    backend, journal: str
+) -> None:
+    srv = serve("--upstream", backend.url, "--journal", journal)
+    try:
+        statuses = asyncio.run(_race_rounds(srv.url, 20, 9))
+        assert set(statuses) <= {200, 404}
+        assert 404 in statuses and 200 in statuses  # the race did happen
+        # Every 200 was recorded before its DELETE (or lost to a concurrent turn
+        # of its session: linear mode keeps one); every 404 was not recorded.
+        recorded = metric(srv, "chat_turns_total", 'outcome="recorded"')
+        stale = metric(srv, "chat_turns_total", 'outcome="stale"')
+        assert statuses.count(200) == recorded + stale
+        not_recorded = sum(
+            metric(srv, "chat_turns_total", f'outcome="{o}"') for o in ("cancelled", "closing")
+        )
+        refused = metric(srv, "error_responses_total", 'status="404"')
+        assert statuses.count(404) == refused
+        assert not_recorded <= refused  # the rest never reached the backend
+    finally:
+        srv.cleanup()
