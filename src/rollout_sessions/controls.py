@@ -87,6 +87,8 @@ def parse_overrides(raw: str) -> dict[str, Any]:
         raise ValueError(
             f"cannot set {', '.join(reserved)}: the server sets these for the trajectory"
         )
+    if not isinstance(value.get("chat_template_kwargs", {}), dict):
+        raise ValueError("chat_template_kwargs must be a JSON object")
     return value
 
 

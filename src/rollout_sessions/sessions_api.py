@@ -196,7 +196,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         docs,
         endpoint(state, "DELETE", "/sessions/{id}", delete_session),
         summary="Delete a session",
-        description="The id never comes back: later chat, GET and DELETE of it answer 404.",
+        description="The id never comes back: later chat, GET and DELETE of it answer 404. "
+        "Turns of the session waiting for the backend are cancelled (their upstream "
+        "connections closed) and answer 404, unless CANCEL_ON_DELETE is off.",
         tags=["sessions"],
         parameters=ID_PARAM,
         responses={204: "deleted", 400: "invalid id", 404: "unknown, deleted or closing"},

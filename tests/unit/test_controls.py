@@ -49,6 +49,7 @@ def test_env_and_flag_flag_wins() -> None:
         ("SAMPLING_OVERRIDES", "nope", "must be a JSON object"),
         ("SAMPLING_OVERRIDES", '{"stream": true}', "cannot set stream"),
         ("SAMPLING_OVERRIDES", '{"input_ids": [1], "tools": []}', "cannot set input_ids, tools"),
+        ("SAMPLING_OVERRIDES", '{"chat_template_kwargs": 1}', "must be a JSON object"),
         ("UPSTREAM_ROUTING_HEADER", "two words", "header name"),
         ("UPSTREAM_ROUTING_HEADER", "Authorization", "sets itself"),
         ("UPSTREAM_ROUTING_HEADER", "transfer-encoding", "sets itself"),
