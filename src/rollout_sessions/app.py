@@ -24,6 +24,7 @@ from blacksheep import Application, Content, Request, Response
 from rollout_sessions import errors, export, forwarding, openapi, sessions_api
 from rollout_sessions.chat import chat_completions
 from rollout_sessions.config import Settings, load_settings
+from rollout_sessions.controls import InFlight, Overrides
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
 from rollout_sessions.echo.tokenized import TokenizedTemplate
 from rollout_sessions.errors import ApiError
@@ -57,12 +58,13 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     """Build the app. With no upstream configured, its start-up starts the
     embedded echo backend on ``echo_port`` (any free port if None) and
     forwards to it."""
-    sessions = Sessions.open(settings)
+    sessions = Sessions.open(settings, InFlight() if settings.cancel_on_delete else None)
+    metrics = Metrics(sessions.registry.stats, settings.retry_window_s)
     state = AppState(
         settings=settings,
         sessions=sessions,
         upstream=None,  # type: ignore[arg-type]  # created on start (may need the echo URL)
-        metrics=Metrics(sessions.registry.stats, settings.retry_window_s),
+        metrics=metrics,
         instance_id=secrets.token_hex(16),
         guard=Guard(settings.api_key),
         tito=tito_from_settings(
@@ -70,6 +72,9 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
             settings.tito_model,
             settings.chat_template,
             settings.chat_template_kwargs,
+        ),
+        overrides=(
+            Overrides(settings.sampling_overrides, metrics) if settings.sampling_overrides else None
         ),
     )
     app = Application(router=SessionRouter(), show_error_details=False)
@@ -189,6 +194,7 @@ def _add_lifecycle(app: Application, state: AppState, echo_port: int | None) -> 
             api_key=settings.upstream_api_key,
             # The server's own key never leaves it.
             forward_client_auth=settings.api_key is None,
+            routing_header=settings.upstream_routing_header,
         )
         await upstream.start()
         state.upstream = upstream

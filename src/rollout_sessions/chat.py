@@ -22,7 +22,9 @@ The split lock:
    differs was already a 502 after step 3) and record, journal first.
 
 The upstream call is never made under the lock, so a DELETE never waits
-for one (the service's rules say the rest: what is answered is durable).
+for one; with ``CANCEL_ON_DELETE`` (``controls.InFlight``) the DELETE
+cancels it, and the turn answers 404 unrecorded (the service's rules
+say the rest: what is answered is durable).
 
 ``stream: true`` is served from the complete upstream answer (the backend
 is always called without streaming: the trajectory needs the whole answer
@@ -33,6 +35,7 @@ the record and are removed from the client's answer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from array import array
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse
 from rollout_sessions.errors import ApiError
 from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import NEVER_SEEN
+from rollout_sessions.sessions import CLOSING
 from rollout_sessions.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
 from rollout_sessions.trajectory import plan_turn
 from rollout_sessions.upstream import Answer
@@ -58,6 +62,8 @@ from rollout_sessions.web import (
 )
 
 if TYPE_CHECKING:
+    from rollout_sessions.controls import InFlight, Overrides
+    from rollout_sessions.session import Session
     from rollout_sessions.state import AppState
     from rollout_sessions.tito import Tito
 
@@ -94,7 +100,7 @@ class ChatRequest:
 
     __slots__ = ("req", "messages", "message_bytes", "rest", "stream", "arrived")
 
-    def __init__(self, body: bytes, arrived: float) -> None:
+    def __init__(self, body: bytes, arrived: float, overrides: Overrides | None = None) -> None:
         req = parse_json(body)
         _check_request(req)
         self.arrived = arrived
@@ -102,6 +108,8 @@ class ChatRequest:
         req.pop("stream_options", None)
         req.pop("input_ids", None)  # built here when TITO is on, never the client's
         req.update(FORCED_FLAGS)
+        if overrides is not None:  # SAMPLING_OVERRIDES: over the client's values
+            overrides.apply(req)
         self.req = req
         self.messages: list[dict[str, Any]] = req["messages"]
         try:
@@ -150,7 +158,9 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
 
     settings = state.settings
     turn = ChatRequest(
-        await read_body(request, settings.max_body_bytes, settings.header_timeout_s), arrived
+        await read_body(request, settings.max_body_bytes, settings.header_timeout_s),
+        arrived,
+        state.overrides,
     )
     tito = state.tito
     first_ids = None
@@ -180,7 +190,13 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
                 turn.req.get("chat_template_kwargs"),
                 plan.tail_start,
             )
-    answer = await _ask_upstream(state, request, turn, input_ids)
+    inflight = sessions.inflight
+    if inflight is None:
+        answer = await _ask_upstream(state, request, turn, input_ids, session_id)
+    else:
+        answer = await _ask_cancellable(
+            state, inflight, session, session_id, request, turn, input_ids
+        )
     if answer.status != 200:
         state.metrics.chat_turns.inc("upstream_status")
         return passthrough(answer)
@@ -213,6 +229,9 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
 
     outcome = await sessions.record(session_id, session, plan.version, prepare)
     state.metrics.chat_turns.inc(outcome)
+    if outcome == CLOSING and sessions.inflight is not None and session.closing:
+        # Deleted after its answer came: answered like a turn the DELETE cancelled.
+        raise errors.session_not_found(session_id)
     if outcome == CHECKPOINT_MISMATCH:
         raise errors.checkpoint_mismatch(*_mismatch(base, checked))  # type: ignore[arg-type]
     return checked.client
@@ -225,15 +244,54 @@ def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
 
 
 async def _ask_upstream(
-    state: AppState, request: Request, turn: ChatRequest, input_ids: array | None
+    state: AppState,
+    request: Request,
+    turn: ChatRequest,
+    input_ids: array | None,
+    session_id: str,
 ) -> Answer:
     try:
         return await state.upstream.chat(
-            turn.upstream_body(input_ids), client_headers(request), query_string(request)
+            turn.upstream_body(input_ids),
+            client_headers(request),
+            query_string(request),
+            session_id,
         )
     except ApiError as exc:
         state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
+
+
+async def _ask_cancellable(
+    state: AppState,
+    inflight: InFlight,
+    session: Session,
+    session_id: str,
+    request: Request,
+    turn: ChatRequest,
+    input_ids: array | None,
+) -> Answer:
+    """Step 3 with ``CANCEL_ON_DELETE``: a DELETE of the session meanwhile
+    cancels the call (its connection is closed, the backend aborts) and the
+    turn answers 404; so does a turn whose session closed before its call."""
+    if session.closing:  # deleted while step 2 ran: no GPU work for it at all
+        raise errors.session_not_found(session_id)
+    task = inflight.enter(session)
+    try:
+        answer = await _ask_upstream(state, request, turn, input_ids, session_id)
+    except BaseException:
+        if inflight.leave(session, task) or task.uncancel() > 0:
+            raise  # not a DELETE's cancel (or also another one, e.g. shutdown)
+        state.metrics.chat_turns.inc("cancelled")
+        raise errors.session_not_found(session_id) from None
+    if inflight.leave(session, task):
+        return answer
+    # The DELETE's cancel came with the answer and was absorbed on the way:
+    # the turn is cancelled all the same, never recorded.
+    if task.uncancel() > 0:
+        raise asyncio.CancelledError
+    state.metrics.chat_turns.inc("cancelled")
+    raise errors.session_not_found(session_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,9 @@ class Settings:
     journal_sync: str = "normal"
     journal_max_bytes: int | None = None
     instance_tag: int = 0
+    sampling_overrides: dict[str, Any] = field(default_factory=dict)
+    upstream_routing_header: str | None = "X-SMG-Routing-Key"
+    cancel_on_delete: bool = True
 
 
 class SettingsError(ValueError):
@@ -154,6 +157,18 @@ def _json_object(raw: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"must be a JSON object, got {raw!r}")
     return value
+
+
+def _sampling_overrides(raw: str) -> dict[str, Any]:
+    from rollout_sessions.controls import parse_overrides
+
+    return parse_overrides(raw)
+
+
+def _routing_header(raw: str) -> str | None:
+    from rollout_sessions.controls import parse_routing_header
+
+    return parse_routing_header(raw)
 
 
 def _tito_model(raw: str) -> str:
@@ -359,6 +374,28 @@ SPECS: tuple[_Spec, ...] = (
         "K",
         "this instance's tag (0-4095), the first 3 hex digits of the ids it mints; "
         "a cluster routes minted ids back by it",
+    ),
+    _Spec(
+        "sampling_overrides",
+        _sampling_overrides,
+        "JSON",
+        "a JSON object set on every forwarded chat turn over the client's values, e.g. "
+        '\'{"temperature": 1.0, "top_p": 1.0}\' keeps rollouts on-policy; the record shows '
+        "what was forwarded",
+    ),
+    _Spec(
+        "upstream_routing_header",
+        _routing_header,
+        "NAME|none",
+        "header carrying the session id on every upstream call made for a session (a "
+        "routing gateway keeps the session on one worker); none: not sent",
+    ),
+    _Spec(
+        "cancel_on_delete",
+        _on_off,
+        "on|off",
+        "on: DELETE closes the upstream connections of the session's turns in flight (the "
+        "backend aborts them) and they answer 404; off: they finish, unrecorded",
     ),
 )
 

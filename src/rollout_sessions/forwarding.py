@@ -114,8 +114,12 @@ def _plain_subpath_ok(path: str) -> bool:
     return all(segment not in ("..", ".") for segment in path.split("/"))
 
 
-async def forward(state: AppState, raw_subpath: str, request: Request) -> Response:
-    """Forward one request; ``ApiError`` 400 (escaping path), 413, 502 or 504."""
+async def forward(
+    state: AppState, raw_subpath: str, request: Request, session_id: str | None = None
+) -> Response:
+    """Forward one request; ``ApiError`` 400 (escaping path), 413, 502 or 504.
+
+    ``session_id``: the session it is made for (sent as the routing key)."""
     sub = safe_subpath(raw_subpath)
     if sub is None:
         raise errors.proxy_path_refused(unquote(raw_subpath))
@@ -123,7 +127,7 @@ async def forward(state: AppState, raw_subpath: str, request: Request) -> Respon
     upstream = state.upstream
     body = await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
     url = upstream.url(sub, query_string(request))
-    headers = upstream.headers(client_headers(request), HOP_BY_HOP)
+    headers = upstream.headers(client_headers(request), HOP_BY_HOP, session_id)
     try:
         head, chunks = await upstream.open_stream(request.method, url, headers, body or None)
     except ApiError as exc:
@@ -197,7 +201,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: Ch
                     request.method, "/sessions/{id}" + CHAT_PATH, "POST"
                 )
             return await chat(state, sid, request)
-        return await forward(state, raw, request)
+        return await forward(state, raw, request, sid)
 
     chat_ep = document(
         docs,

@@ -13,6 +13,7 @@ Hooks for the chat code (all cheap, event-loop thread only)::
 
     state.metrics.chat_turns.inc("recorded")        # or "stale", "closing", ...
     state.metrics.upstream_errors.inc("timeout")    # or "transport", "malformed", ...
+    state.metrics.upstream_cancelled += n            # calls cancelled by a DELETE
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ class _StatsCollector(Collector):
         yield m.responses.family()
         yield m.chat_turns.family()
         yield m.upstream_errors.family()
+        yield _counter(
+            "upstream_cancelled",
+            "Upstream calls cancelled (connection closed) because DELETE removed their "
+            "session while they were in flight (CANCEL_ON_DELETE).",
+            m.upstream_cancelled,
+        )
+        yield m.sampling_overrides.family()
+        yield m.sampling_overrides_replaced.family()
 
 
 def _gauge(name: str, help: str, value: float) -> GaugeMetricFamily:
@@ -201,6 +210,18 @@ class Metrics:
         self.chat_turns = LabeledCounter(PREFIX + "chat_turns", "Chat turns by outcome.", "outcome")
         self.upstream_errors = LabeledCounter(
             PREFIX + "upstream_errors", "Failed upstream calls by kind.", "kind"
+        )
+        self.upstream_cancelled = 0
+        self.sampling_overrides = LabeledCounter(
+            PREFIX + "sampling_overrides_applied",
+            "Turns forwarded with a SAMPLING_OVERRIDES value set, by parameter.",
+            "param",
+        )
+        self.sampling_overrides_replaced = LabeledCounter(
+            PREFIX + "sampling_overrides_replaced",
+            "Turns whose client sent a different value for an overridden parameter "
+            "(replaced by the override), by parameter.",
+            "param",
         )
         self.registry.register(_StatsCollector(self))
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from rollout_sessions import errors
 from rollout_sessions.config import Settings
+from rollout_sessions.controls import InFlight
 from rollout_sessions.errors import ApiError
 from rollout_sessions.journal import Journal, JournalError, Restored
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN, Registry, validate_id
@@ -50,19 +51,22 @@ STALE = "stale"  # another turn of the session was recorded meanwhile
 class Sessions:
     """Every session of one server process (see the module docstring)."""
 
-    def __init__(self, registry: Registry, journal: Journal | None) -> None:
+    def __init__(
+        self, registry: Registry, journal: Journal | None, inflight: InFlight | None = None
+    ) -> None:
         self.registry = registry
         self.journal = journal
+        self.inflight = inflight  # CANCEL_ON_DELETE: the upstream calls a delete cancels
 
     # -- start-up ----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, settings: Settings) -> Sessions:
+    def open(cls, settings: Settings, inflight: InFlight | None = None) -> Sessions:
         """The sessions of ``settings``: restored from ``DATA_DIR`` when the journal is
         on. Raises ``JournalError`` (a clear message) when they cannot be."""
         if not settings.journal:
             log.info("journal off: sessions live in memory only, nothing is written to disk")
-            return cls(_registry(settings, None, 0, None), None)
+            return cls(_registry(settings, None, 0, None), None, inflight)
         started = time.monotonic()
         journal = Journal(settings.data_dir, settings.journal_sync, settings.journal_max_bytes)
 
@@ -86,7 +90,7 @@ class Sessions:
             len(restored.deleted),
             time.monotonic() - started,
         )
-        return cls(registry, journal)
+        return cls(registry, journal, inflight)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -149,12 +153,14 @@ class Sessions:
             raise errors.session_not_found(sid)
         return session
 
-    async def delete(self, sid: str) -> None:
-        """Delete ``sid`` for good; 404 if unknown, deleted or closing.
+    async def delete(self, sid: str) -> int:
+        """Delete ``sid`` for good; 404 if unknown, deleted or closing. Returns how
+        many of its upstream calls were cancelled (``CANCEL_ON_DELETE``).
 
         Marked closing first (a turn arriving meanwhile is 404), then removed
         under its lock, which waits for a turn's locked steps, never for its
-        upstream call.
+        upstream call; once gone for good, its turns waiting for the backend
+        are cancelled (their connections closed: the backend aborts them).
         """
         session = self.lookup(sid)
         if session is NEVER_SEEN or session is DELETED or session.closing:
@@ -171,6 +177,7 @@ class Sessions:
         except ApiError:
             session.closing = False  # nothing changed
             raise
+        return self.inflight.cancel(session) if self.inflight is not None else 0
 
     async def _forget(self, sid: str, session: Session) -> None:
         registry, journal = self.registry, self.journal

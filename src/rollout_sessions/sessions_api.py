@@ -8,6 +8,8 @@
 
 The rules (journal first, the session lock, delete sticks) are the
 ``Sessions`` service's; this module is their HTTP adapter.
+With ``CANCEL_ON_DELETE`` a delete also cancels the session's turns
+waiting for the backend (their connections closed); they answer 404.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         return Response(200, None, StreamedContent(JSON_TYPE, body))
 
     async def delete_session(request: Request) -> Response:
-        await sessions.delete(request.route_values["id"])
+        cancelled = await sessions.delete(request.route_values["id"])
+        state.metrics.upstream_cancelled += cancelled
         return Response(204)
 
     create_ep = document(
@@ -113,7 +116,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
         docs,
         endpoint(state, "DELETE", "/sessions/{id}", delete_session),
         summary="Delete a session",
-        description="The id never comes back: later chat, GET and DELETE of it answer 404.",
+        description="The id never comes back: later chat, GET and DELETE of it answer 404. "
+        "Turns of the session waiting for the backend are cancelled (their upstream "
+        "connections closed) and answer 404, unless CANCEL_ON_DELETE is off.",
         tags=["sessions"],
         parameters=ID_PARAM,
         responses={204: "deleted", 400: "invalid id", 404: "unknown, deleted or closing"},

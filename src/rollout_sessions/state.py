@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
+    from rollout_sessions.controls import Overrides
     from rollout_sessions.metrics import Metrics
     from rollout_sessions.sessions import Sessions
     from rollout_sessions.tito import Tito
@@ -26,6 +27,7 @@ class AppState:
     instance_id: str
     guard: Guard
     tito: Tito | None = None  # token-in, token-out, when a tokenizer is configured
+    overrides: Overrides | None = None  # SAMPLING_OVERRIDES, when there are any
 
     @property
     def max_trim_tokens(self) -> int:

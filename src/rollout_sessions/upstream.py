@@ -12,6 +12,10 @@ Every upstream call, chat turn or forwarded request, goes through
   connection dropped;
 - the whole call is bounded by ``timeout_s`` (504); any transport failure is
   502. Both errors are built in ``errors``, so their texts exist once;
+- a call made for a session carries its id in ``routing_header``
+  (``UPSTREAM_ROUTING_HEADER``), replacing any value the client sent;
+- a call whose task is cancelled (a DELETE of its session) closes its
+  connection: it never goes back to the pool half-read;
 - ``UPSTREAM_API_KEY`` is sent as ``Authorization: Bearer <key>``; the
   client's own ``Authorization`` is forwarded only when the server has no
   ``API_KEY`` of its own (the server's key never leaves it).
@@ -19,6 +23,7 @@ Every upstream call, chat turn or forwarded request, goes through
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
@@ -75,6 +80,7 @@ class Upstream:
         "timeout_s",
         "max_answer_bytes",
         "forward_client_auth",
+        "routing_header",
         "_auth",
         "_session",
     )
@@ -87,11 +93,13 @@ class Upstream:
         max_answer_bytes: int,
         api_key: str | None = None,
         forward_client_auth: bool = True,
+        routing_header: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_answer_bytes = max_answer_bytes
         self.forward_client_auth = forward_client_auth
+        self.routing_header = routing_header
         self._auth = f"Bearer {api_key}" if api_key else None
         self._session: aiohttp.ClientSession | None = None
 
@@ -121,9 +129,13 @@ class Upstream:
         return URL(target, encoded=True)
 
     def headers(
-        self, client_headers: Iterable[tuple[str, str]], drop: frozenset[str]
+        self,
+        client_headers: Iterable[tuple[str, str]],
+        drop: frozenset[str],
+        session_id: str | None = None,
     ) -> CIMultiDict[str]:
-        """The client's end-to-end headers to send upstream, with our credentials."""
+        """The client's end-to-end headers to send upstream, with our credentials
+        and, for a call made for a session, its routing key."""
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers:
             key = name.lower()
@@ -132,13 +144,20 @@ class Upstream:
             out.add(name, value)
         if self._auth is not None:
             out["Authorization"] = self._auth
+        routing = self.routing_header
+        if routing is not None and session_id is not None:
+            out[routing] = session_id  # replaces the client's value, whatever its case
         return out
 
     async def chat(
-        self, body: bytes, client_headers: Iterable[tuple[str, str]], query: str
+        self,
+        body: bytes,
+        client_headers: Iterable[tuple[str, str]],
+        query: str,
+        session_id: str | None = None,
     ) -> Answer:
         """POST a chat body to ``{base}/v1/chat/completions``; the complete answer."""
-        headers = self.headers(client_headers, _CHAT_DROP)
+        headers = self.headers(client_headers, _CHAT_DROP, session_id)
         headers["Content-Type"] = "application/json"
         headers["Accept-Encoding"] = "identity"
         return await self.request("POST", self.url("v1/chat/completions", query), headers, body)
@@ -152,7 +171,11 @@ class Upstream:
             async with session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             ) as resp:
-                data = await self._read_all(resp)
+                try:
+                    data = await self._read_all(resp)
+                except asyncio.CancelledError:
+                    resp.close()  # half-read: the connection must never be reused
+                    raise
                 return Answer(resp.status, _raw_headers(resp), data)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _translated(exc, self.timeout_s) from None
