@@ -60,7 +60,7 @@ class Impl:
 
 def _ours() -> Impl:
     from rollout_sessions.registry import DELETED, NEVER_SEEN, Registry
-    from rollout_sessions.session import Session
+    from rollout_sessions.sessions.session import Session
 
     def make(capacity: int | None = None, shards: int | None = None) -> Any:
         return Registry(
@@ -266,7 +266,7 @@ def _mem_session(impl_name: str, n: int, session: str, method: str) -> dict[str,
     """Bytes per idle minted session: registry entry plus the session object."""
     impl = IMPLS[impl_name]()
     if session == "project":
-        from rollout_sessions.session import Session as factory
+        from rollout_sessions.sessions.session import Session as factory
     else:
         factory = ref.ProductionLikeSession
     reg = impl.make(capacity=1024)  # tombstone ring not part of this figure

@@ -1,11 +1,11 @@
 """HTTP server choice: the same app on uvicorn (as ``serve`` runs it) and on granian.
 
-Both serve ``rollout_sessions.app`` with the same settings and the same
+Both serve ``rollout_sessions.web.app`` with the same settings and the same
 backend (``realistic_backend.py``); they differ only in the HTTP server:
 
 - ``uvicorn``: ``rollout-sessions serve`` (uvicorn's httptools protocol with
   the head deadline, head size limit and connection cap of ``_uvicorn.py``);
-- ``granian``: ``granian --interface asgi --factory rollout_sessions.app:app_from_env``
+- ``granian``: ``granian --interface asgi --factory rollout_sessions.web.app:app_from_env``
   (its Rust HTTP/1 stack, one worker, uvloop), ``--http 1`` so its header
   timeout also covers silent connections.
 
@@ -35,7 +35,7 @@ def granian_argv(port: int) -> list[str]:
     return [
         *(exe, "--interface", "asgi", "--factory", "--loop", "uvloop", "--http", "1"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-        *("--log-level", "warning", "rollout_sessions.app:app_from_env"),
+        *("--log-level", "warning", "rollout_sessions.web.app:app_from_env"),
     ]
 
 

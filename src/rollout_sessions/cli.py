@@ -2,11 +2,11 @@
 
 Subcommands:
 
-- ``serve``: the session server (``rollout_sessions.server``).
+- ``serve``: the session server (``rollout_sessions.web.server``).
 - ``echo-backend``: the echo inference backend alone (``rollout_sessions.echo.cli``).
 - ``demo``: a simulated rollout against a server (``rollout_sessions.demo``).
 - ``tombstone-sizing``: the recommended tombstone capacity (``rollout_sessions.sizing``).
-- ``cluster``: N instances behind HAProxy on one URL (``rollout_sessions.cluster``).
+- ``cluster``: N instances behind HAProxy on one URL (``rollout_sessions.cluster.supervisor``).
 - ``cluster-config``: the HAProxy configuration for instances on several hosts.
 
 All but ``serve`` belong to their modules: everything after the subcommand is
@@ -32,11 +32,11 @@ DELEGATED = {
         "recommend a tombstone capacity for a delete rate and retry window",
     ),
     "cluster": (
-        "rollout_sessions.cluster:cluster_main",
+        "rollout_sessions.cluster.supervisor:cluster_main",
         "run N instances behind HAProxy on one URL (exact session affinity)",
     ),
     "cluster-config": (
-        "rollout_sessions.cluster:config_main",
+        "rollout_sessions.cluster.supervisor:config_main",
         "print the HAProxy configuration for instances on several hosts",
     ),
 }
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SettingsError as exc:
             print(f"rollout-sessions serve: error: invalid setting: {exc}", file=sys.stderr)
             return 2
-        from rollout_sessions.server import serve
+        from rollout_sessions.web.server import serve
 
         return serve(settings)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse exits

@@ -160,13 +160,13 @@ def _json_object(raw: str) -> dict[str, Any]:
 
 
 def _sampling_overrides(raw: str) -> dict[str, Any]:
-    from rollout_sessions.controls import parse_overrides
+    from rollout_sessions.upstream.controls import parse_overrides
 
     return parse_overrides(raw)
 
 
 def _routing_header(raw: str) -> str | None:
-    from rollout_sessions.controls import parse_routing_header
+    from rollout_sessions.upstream.controls import parse_routing_header
 
     return parse_routing_header(raw)
 

@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollout_sessions import errors
-from rollout_sessions.answer import TOKEN_TYPECODE
+from rollout_sessions.trajectory.store import TOKEN_TYPECODE
+from rollout_sessions.web import errors
 
 log = logging.getLogger("rollout_sessions")
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from rollout_sessions import demo
-from rollout_sessions.balancer import BUFFER_BYTES, route
+from rollout_sessions.cluster.balancer import BUFFER_BYTES, route
 from rollout_sessions.testing.processes import ManagedProcess, clean_env, free_port_range
 
 # Each test starts HAProxy and N serve instances.

@@ -9,7 +9,7 @@ import pytest
 import requests
 from conftest import ServerProc
 
-from rollout_sessions.forwarding import safe_subpath
+from rollout_sessions.routes.forward import safe_subpath
 from rollout_sessions.testing.processes import free_port
 
 

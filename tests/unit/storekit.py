@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from rollout_sessions.answer import parse_answer
-from rollout_sessions.store import Trajectory, TurnWrite, cut_prompt_ids
-from rollout_sessions.trajectory import plan_turn
+from rollout_sessions.trajectory.rules import plan_turn
+from rollout_sessions.trajectory.store import Trajectory, TurnWrite, cut_prompt_ids
+from rollout_sessions.upstream.answer import parse_answer
 
 TOOL = ("tool",)
 
@@ -79,7 +79,7 @@ WRITES: dict[int, list[TurnWrite]] = {}
 
 def replayed(traj: Trajectory) -> Trajectory:
     """A trajectory rebuilt from ``traj``'s writes through the journal's encoding."""
-    from rollout_sessions.journal_db import frame, head_bytes, turn_write
+    from rollout_sessions.journal.db import frame, head_bytes, turn_write
 
     copy = Trajectory()
     for w in WRITES[id(traj)]:

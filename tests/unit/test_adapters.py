@@ -20,15 +20,15 @@ import uvicorn
 from blacksheep import Application, Content, Request, Response, Router
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from rollout_sessions._aiohttp import StrictResponseHandler, strict_connector
-from rollout_sessions._blacksheep import (
+from rollout_sessions.upstream._aiohttp import StrictResponseHandler, strict_connector
+from rollout_sessions.web._blacksheep import (
     SLICE_BYTES,
     all_routes,
     document_without_binders,
     raw_path,
     whole,
 )
-from rollout_sessions._uvicorn import (
+from rollout_sessions.web._uvicorn import (
     BATCH_BYTES,
     GuardedHttpToolsProtocol,
     Server,
@@ -73,7 +73,7 @@ def _documented_parameters(without_binders: bool) -> Any:
     from blacksheep.server.openapi.v3 import OpenAPIHandler
     from openapidocs.v3 import Info
 
-    from rollout_sessions.openapi import ID_PARAM
+    from rollout_sessions.web.openapi import ID_PARAM
 
     app = Application(router=Router())
     docs = OpenAPIHandler(info=Info(title="t", version="1"))
@@ -132,7 +132,7 @@ def test_the_application_routes_every_request_through_router_get_match():
     # SessionRouter overrides `Router.get_match`, the one call BlackSheep's
     # application makes to route a request; `Route.match_by_path` decodes a
     # value as the stock router does; the stock fallback's pattern is `*`.
-    from rollout_sessions.routing import FALLBACK_PATTERN, SessionRouter
+    from rollout_sessions.web.routing import FALLBACK_PATTERN, SessionRouter
 
     seen: list[bytes] = []
 
@@ -545,7 +545,7 @@ class _FakeTransport:
 
 
 def test_a_connection_that_fails_to_write_does_not_hold_the_others_back():
-    from rollout_sessions._uvicorn import WriteBatcher
+    from rollout_sessions.web._uvicorn import WriteBatcher
 
     async def main() -> tuple[_FakeTransport, _FakeTransport]:
         loop = asyncio.get_running_loop()
@@ -616,7 +616,7 @@ def test_a_stop_signal_before_uvicorn_takes_over_stops_it_gracefully():
     # `serve`'s own handler is in place from just before `Server.run`; a stop
     # signal that lands before uvicorn installs its handler sets uvicorn's
     # `should_exit`, which uvicorn honours right after start-up.
-    from rollout_sessions.server import stop_handler
+    from rollout_sessions.web.server import stop_handler
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout_sessions import answer as answer_module
-from rollout_sessions.answer import parse_answer, sse_body
-from rollout_sessions.errors import ApiError
+from rollout_sessions.upstream import answer as answer_module
+from rollout_sessions.upstream.answer import parse_answer, sse_body
+from rollout_sessions.web.errors import ApiError
 
 META = {"output_token_logprobs": [[-0.1, 5, None], [-0.2, 6, None]], "completion_tokens": 2}
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollout_sessions.balancer import Instance, haproxy_config, route
-from rollout_sessions.cluster import ClusterError, parse_instance
+from rollout_sessions.cluster.balancer import Instance, haproxy_config, route
+from rollout_sessions.cluster.supervisor import ClusterError, parse_instance
 from rollout_sessions.config import Settings
 
 HEX = "0123456789abcdef"

@@ -15,7 +15,7 @@ from typing import Any
 
 from storekit import answer_json
 
-from rollout_sessions.chat import ChatRequest, _checked
+from rollout_sessions.routes.chat import ChatRequest, _checked
 
 COMPLETION = list(range(800))
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from test_journal_db import KEY, WRITE_TURN
 
-from rollout_sessions import journal, journal_db
-from rollout_sessions.journal_db import DB_NAME, open_db
+from rollout_sessions.journal import db as journal_db
+from rollout_sessions.journal import writer as journal
+from rollout_sessions.journal.db import DB_NAME, open_db
 
 BLOB = os.urandom(64 * 1024)  # incompressible, like the journal's answers
 COMMITS = 400  # ~26 MiB through the WAL

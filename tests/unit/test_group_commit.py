@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout_sessions import journal
-from rollout_sessions.journal import Journal, _Op
+from rollout_sessions.journal import writer as journal
+from rollout_sessions.journal.writer import Journal, _Op
 
 
 def ops(n: int) -> list[_Op]:

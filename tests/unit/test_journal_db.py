@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout_sessions.journal_db import (
+from rollout_sessions.journal.db import (
     APPLICATION_ID,
     DB_NAME,
     SCHEMA_VERSION,

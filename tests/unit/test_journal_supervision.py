@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rollout_sessions import journal as journal_mod
-from rollout_sessions.errors import ApiError
-from rollout_sessions.journal import Journal
-from rollout_sessions.journal_db import DB_NAME, get_meta
+from rollout_sessions.journal import writer as journal_mod
+from rollout_sessions.journal.db import DB_NAME, get_meta
+from rollout_sessions.journal.writer import Journal
+from rollout_sessions.web.errors import ApiError
 
 KEY = b"k" * 16
 

@@ -14,10 +14,10 @@ import simdjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollout_sessions import answer as answer_module
 from rollout_sessions._logprobs import narrow_ids, read_pairs
-from rollout_sessions.answer import MAX_TOKEN_ID
-from rollout_sessions.errors import ApiError
+from rollout_sessions.upstream import answer as answer_module
+from rollout_sessions.upstream.answer import MAX_TOKEN_ID
+from rollout_sessions.web.errors import ApiError
 
 
 def simdjson_array(entries: list[Any]) -> Any:

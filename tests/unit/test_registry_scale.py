@@ -7,7 +7,7 @@ import random
 import pytest
 
 from rollout_sessions.registry import DELETED, NEVER_SEEN, Registry
-from rollout_sessions.session import Session
+from rollout_sessions.sessions.session import Session
 
 N = 1_000_000
 

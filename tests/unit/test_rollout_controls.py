@@ -8,9 +8,14 @@ import asyncio
 import pytest
 
 from rollout_sessions.config import Settings, SettingsError, load_settings
-from rollout_sessions.controls import InFlight, Overrides, parse_overrides, parse_routing_header
 from rollout_sessions.metrics import Metrics
-from rollout_sessions.upstream import HOP_BY_HOP, Upstream
+from rollout_sessions.upstream.client import HOP_BY_HOP, Upstream
+from rollout_sessions.upstream.controls import (
+    InFlight,
+    Overrides,
+    parse_overrides,
+    parse_routing_header,
+)
 
 
 def test_defaults() -> None:

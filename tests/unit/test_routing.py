@@ -7,7 +7,7 @@ from blacksheep import Request, Router
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rollout_sessions.routing import SessionRouter
+from rollout_sessions.web.routing import SessionRouter
 
 
 async def get_session(request: Request) -> None: ...

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 
 from rollout_sessions.config import Settings
-from rollout_sessions.errors import ApiError
 from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.sessions import CLOSING, RECORDED, STALE, Sessions
-from rollout_sessions.store import Trajectory, TurnWrite
+from rollout_sessions.sessions.service import CLOSING, RECORDED, STALE, Sessions
+from rollout_sessions.trajectory.store import Trajectory, TurnWrite
+from rollout_sessions.web.errors import ApiError
 
 
 def settings(data: Path, **kw: Any) -> Settings:

@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from storekit import answer_json, commit, replayed
 
-from rollout_sessions.answer import parse_answer
-from rollout_sessions.store import Trajectory, cut_prompt_ids
-from rollout_sessions.trajectory import messages_match
+from rollout_sessions.trajectory.rules import messages_match
+from rollout_sessions.trajectory.store import Trajectory, cut_prompt_ids
+from rollout_sessions.upstream.answer import parse_answer
 
 SYS = {"role": "system", "content": "agent"}
 USER = {"role": "user", "content": "task"}

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from rollout_sessions.echo.tokenized import TokenizedTemplate
-from rollout_sessions.errors import ApiError
 from rollout_sessions.testing.tokenizers import build_tokenizer
 from rollout_sessions.tito import RULES, Tito
+from rollout_sessions.web.errors import ApiError
 
 TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 

@@ -6,9 +6,9 @@ import orjson
 import pytest
 from storekit import TOOL, commit
 
-from rollout_sessions.errors import ApiError
-from rollout_sessions.store import Trajectory
-from rollout_sessions.trajectory import messages_match, plan_turn
+from rollout_sessions.trajectory.rules import messages_match, plan_turn
+from rollout_sessions.trajectory.store import Trajectory
+from rollout_sessions.web.errors import ApiError
 
 SYS = {"role": "system", "content": "be brief"}
 USER = {"role": "user", "content": "q"}

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from rollout_sessions.chat import FORCED_FLAGS
-from rollout_sessions.routing import CHAT_PATH
+from rollout_sessions.routes.chat import FORCED_FLAGS
+from rollout_sessions.web.routing import CHAT_PATH
 
 
 class SessionClient:

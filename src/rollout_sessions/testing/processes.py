@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from rollout_sessions.server import free_port
+from rollout_sessions.web.server import free_port
 
 __all__ = [
     "ManagedProcess",

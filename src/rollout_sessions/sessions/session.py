@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from rollout_sessions.store import Trajectory, ids_json
+from rollout_sessions.trajectory.store import Trajectory, ids_json
 
 
 class Session:

@@ -24,9 +24,8 @@ from typing import Any
 
 import orjson
 
-from rollout_sessions import errors
-from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
-from rollout_sessions.store import TurnWrite
+from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TOKEN_TYPECODE, TurnWrite
+from rollout_sessions.web import errors
 
 DB_NAME = "journal.sqlite3"
 LOCK_NAME = "LOCK"

@@ -35,8 +35,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any
 
-from rollout_sessions import errors
-from rollout_sessions.store import Trajectory
+from rollout_sessions.trajectory.store import Trajectory
+from rollout_sessions.web import errors
 
 MAX_ROLLBACK_STEPS = 1
 

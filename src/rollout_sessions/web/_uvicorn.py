@@ -52,7 +52,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from rollout_sessions import errors
+from rollout_sessions.web import errors
 
 log = logging.getLogger("rollout_sessions")
 

@@ -21,20 +21,28 @@ import time
 import orjson
 from blacksheep import Application, Content, Request, Response
 
-from rollout_sessions import errors, export, forwarding, openapi, sessions_api
-from rollout_sessions.chat import chat_completions
 from rollout_sessions.config import Settings, load_settings
-from rollout_sessions.controls import InFlight, Overrides
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
 from rollout_sessions.echo.tokenized import TokenizedTemplate
-from rollout_sessions.errors import ApiError
 from rollout_sessions.metrics import Metrics
-from rollout_sessions.routing import SessionRouter
-from rollout_sessions.sessions import Sessions
-from rollout_sessions.state import AppState
+from rollout_sessions.routes import chat, forward
+from rollout_sessions.routes import samples as export
+from rollout_sessions.routes import sessions as sessions_api
+from rollout_sessions.sessions.service import Sessions
 from rollout_sessions.tito import tito_from_settings
-from rollout_sessions.upstream import Upstream
-from rollout_sessions.web import JSON_TYPE, Guard, endpoint, error_response, raw_json_response
+from rollout_sessions.upstream.client import Upstream
+from rollout_sessions.upstream.controls import InFlight, Overrides
+from rollout_sessions.web import errors, openapi
+from rollout_sessions.web.endpoints import (
+    JSON_TYPE,
+    Guard,
+    endpoint,
+    error_response,
+    raw_json_response,
+)
+from rollout_sessions.web.errors import ApiError
+from rollout_sessions.web.routing import SessionRouter
+from rollout_sessions.web.state import AppState
 
 log = logging.getLogger("rollout_sessions")
 
@@ -49,7 +57,7 @@ YOUNG_OVERWRITE_WARN_INTERVAL_S = 10.0
 def app_from_env() -> Application:
     """App factory for any ASGI server: settings from ``ROLLOUT_SESSIONS_*`` only.
 
-    E.g. ``uvicorn --factory rollout_sessions.app:app_from_env``.
+    E.g. ``uvicorn --factory rollout_sessions.web.app:app_from_env``.
     """
     return create_app(load_settings(environ=os.environ))
 
@@ -82,7 +90,8 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     docs = openapi.install(app, state.guard)
     sessions_api.add_routes(app, docs, state)
     export.add_routes(app, docs, state)
-    forwarding.add_routes(app, docs, state, chat=chat_completions)
+    chat.add_routes(app, docs, state)
+    forward.add_routes(app, docs, state)
     _add_service_routes(app, docs, state)
     _add_error_handlers(app, state)
     _add_lifecycle(app, state, echo_port)

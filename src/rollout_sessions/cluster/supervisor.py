@@ -4,7 +4,7 @@
 starts N ``serve`` instances on ``127.0.0.1:B..B+N-1`` (B defaults to P+1),
 instance k with ``--instance-tag k`` and its own data dir ``DATA_DIR/instance-k``,
 every other setting passed through (flags and environment alike). It writes
-the HAProxy configuration (``rollout_sessions.balancer``) into its work dir,
+the HAProxy configuration (``rollout_sessions.cluster.balancer``) into its work dir,
 checks it with ``haproxy -c`` and runs HAProxy on ``HOST:P`` in the
 foreground. A dead instance is started again with the same tag, port and data
 dir (with the journal, its sessions come back); a dead HAProxy stops the
@@ -39,10 +39,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from rollout_sessions.balancer import Instance, haproxy_config
+from rollout_sessions.cluster.balancer import Instance, haproxy_config
 from rollout_sessions.config import SPECS, Settings, SettingsError, add_arguments, load_settings
 
-log = logging.getLogger("rollout_sessions.cluster")
+log = logging.getLogger("rollout_sessions.cluster.supervisor")
 
 MIN_HAPROXY = (2, 6)
 WORKDIR = "rollout-sessions-cluster"

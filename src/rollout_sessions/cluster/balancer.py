@@ -33,8 +33,8 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rollout_sessions import errors
 from rollout_sessions.config import Settings
+from rollout_sessions.web import errors
 
 MINTED = re.compile(r"[0-9a-f]{32}")
 VALID_ID = "^[A-Za-z0-9._~:-]{1,128}$"  # the registry's id alphabet and length

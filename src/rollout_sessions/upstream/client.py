@@ -31,8 +31,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from rollout_sessions import errors
-from rollout_sessions._aiohttp import strict_connector
+from rollout_sessions.upstream._aiohttp import strict_connector
+from rollout_sessions.web import errors
 
 # Hop-by-hop headers (RFC 9110, 7.6.1) and the framing headers the client
 # recomputes from the body it actually sends: never forwarded either way.

@@ -10,18 +10,18 @@ import hmac
 import inspect
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 from blacksheep import Content, Request, Response, StreamedContent
 from blacksheep.exceptions import MessageAborted
 
-from rollout_sessions import errors
-from rollout_sessions._blacksheep import whole
-from rollout_sessions.errors import ApiError
+from rollout_sessions.web import errors
+from rollout_sessions.web._blacksheep import whole
+from rollout_sessions.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from rollout_sessions.state import AppState
+    from rollout_sessions.metrics import Metrics
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -118,8 +118,15 @@ def as_head(response: Response) -> Response:
     return head_answer(response.status, headers, content_type, int(declared))
 
 
+class Served(Protocol):
+    """What a route needs of the app's state (``web.state.AppState`` has it)."""
+
+    guard: Guard
+    metrics: Metrics
+
+
 def endpoint(
-    state: AppState, method: str, template: str, handler: Handler, public: bool = False
+    state: Served, method: str, template: str, handler: Handler, public: bool = False
 ) -> Handler:
     """``handler`` as a route: guarded (``Guard``), ``ApiError`` answered as JSON,
     latency kept in a histogram.

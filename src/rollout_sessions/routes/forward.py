@@ -11,69 +11,35 @@ generic proxy never carries a chat turn.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
-from rollout_sessions import errors
-from rollout_sessions.errors import ApiError
-from rollout_sessions.openapi import ID_PARAM, PATH_PARAM, document
-from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
-from rollout_sessions.upstream import HOP_BY_HOP, Answer
-from rollout_sessions.web import (
+from rollout_sessions.routes.chat import chat_completions
+from rollout_sessions.routes.relay import answer_headers, client_headers, passthrough
+from rollout_sessions.upstream.client import HOP_BY_HOP, Answer
+from rollout_sessions.web import errors
+from rollout_sessions.web.endpoints import (
     endpoint,
     head_answer,
     query_string,
     read_body,
-    whole,
 )
+from rollout_sessions.web.errors import ApiError
+from rollout_sessions.web.openapi import ID_PARAM, PATH_PARAM, document
+from rollout_sessions.web.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
 
 if TYPE_CHECKING:
-    from rollout_sessions.state import AppState
+    from rollout_sessions.web.state import AppState
 
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 _QUERY_OR_FRAGMENT = re.compile(r"[?#]")
-# The answer's own server and date would duplicate those our server sends.
-_NOT_PASSED_BACK = frozenset(h.encode() for h in HOP_BY_HOP) | {b"server", b"date"}
 # Answers up to this size are read whole and sent with their length; longer
 # ones, and those of unknown length (SSE), stream through.
 BUFFER_UP_TO = 1 << 20
-
-
-def client_headers(request: Request) -> list[tuple[str, str]]:
-    """The client's end-to-end headers (minus those its ``Connection`` names)."""
-    named: set[bytes] = set()
-    for value in request.headers.get(b"connection"):
-        named.update(token.strip().lower() for token in value.split(b","))
-    return [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in request.headers
-        if name.lower() not in named
-    ]
-
-
-def _answer_headers(answer: Answer) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    content_type = b"application/octet-stream"
-    headers: list[tuple[bytes, bytes]] = []
-    for name, value in answer.headers:
-        key = name.lower().encode("latin-1")
-        if key == b"content-type":
-            content_type = value.encode("latin-1")
-        elif key not in _NOT_PASSED_BACK:
-            headers.append((name.encode("latin-1"), value.encode("latin-1")))
-    return content_type, headers
-
-
-def passthrough(answer: Answer) -> Response:
-    """The upstream answer as-is, minus hop-by-hop and framing headers (and its
-    ``server`` and ``date``: ours are sent)."""
-    content_type, headers = _answer_headers(answer)
-    if answer.status in (204, 304) or answer.status < 200:
-        return Response(answer.status, headers, None)
-    return Response(answer.status, headers, whole(content_type, answer.body))
 
 
 def safe_subpath(raw: str) -> str | None:
@@ -139,12 +105,12 @@ async def forward(
         return passthrough(head)
     if request.method == "HEAD":  # the upstream's length, as its GET would send it
         await _drain(chunks)
-        content_type, headers_out = _answer_headers(head)
+        content_type, headers_out = answer_headers(head)
         return head_answer(head.status, headers_out, content_type, length)
     if length is not None and length <= BUFFER_UP_TO:
         head.body = b"".join([chunk async for chunk in chunks])
         return passthrough(head)
-    content_type, headers_out = _answer_headers(head)
+    content_type, headers_out = answer_headers(head)
 
     async def body() -> AsyncIterator[bytes]:
         async for chunk in chunks:
@@ -182,14 +148,11 @@ def _names_chat(path: str) -> bool:
 
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
-ChatHandler = Callable[["AppState", str, Request], Awaitable[Response]]
 
 
-def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: ChatHandler) -> None:
-    """``POST /sessions/{id}/v1/chat/completions`` (``chat``) and the generic proxy."""
-
-    async def chat_route(request: Request) -> Response:
-        return await chat(state, request.route_values["id"], request)
+def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
+    """The generic proxy, ``* /sessions/{id}/{path}`` (a sub-path naming the chat
+    route in any encoding is the chat turn)."""
 
     async def proxy_route(request: Request) -> Response:
         sid = request.route_values["id"]
@@ -200,27 +163,9 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState, chat: Ch
                 raise errors.method_not_allowed(
                     request.method, "/sessions/{id}" + CHAT_PATH, "POST"
                 )
-            return await chat(state, sid, request)
+            return await chat_completions(state, sid, request)
         return await forward(state, raw, request, sid)
 
-    chat_ep = document(
-        docs,
-        endpoint(state, "POST", "/sessions/{id}" + CHAT_PATH, chat_route),
-        summary="Chat turn through a session",
-        description="Forwarded to the upstream and recorded in the trajectory. A never-seen "
-        "id is auto-created; a deleted or closing one answers 404.",
-        tags=["chat"],
-        parameters=ID_PARAM,
-        responses={
-            200: "the upstream answer (JSON, or SSE when `stream: true`)",
-            400: "invalid id, malformed JSON or a trajectory that does not extend the session",
-            404: "deleted or closing",
-            413: "body too large",
-            502: "backend transport error or malformed backend answer",
-            504: "backend timeout",
-        },
-    )
-    app.router.add_post("/sessions/{id}" + CHAT_PATH, chat_ep)
     for method in PROXY_METHODS:
         ep = document(
             docs,

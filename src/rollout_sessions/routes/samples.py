@@ -30,14 +30,14 @@ from blacksheep import Application, Request, Response
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 from safetensors.numpy import save
 
-from rollout_sessions import errors
-from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.store import Trajectory
-from rollout_sessions.web import JSON_TYPE, endpoint, parse_json, read_body, whole
+from rollout_sessions.trajectory.store import Trajectory
+from rollout_sessions.web import errors
+from rollout_sessions.web.endpoints import JSON_TYPE, endpoint, parse_json, read_body, whole
+from rollout_sessions.web.openapi import ID_PARAM, document
 
 if TYPE_CHECKING:
-    from rollout_sessions.state import AppState
+    from rollout_sessions.web.state import AppState
 
 SAFETENSORS_TYPE = b"application/octet-stream"
 SAMPLES_PATH = "/samples"

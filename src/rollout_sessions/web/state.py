@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 from rollout_sessions.config import Settings
 
 if TYPE_CHECKING:
-    from rollout_sessions.controls import Overrides
     from rollout_sessions.metrics import Metrics
-    from rollout_sessions.sessions import Sessions
+    from rollout_sessions.sessions.service import Sessions
     from rollout_sessions.tito import Tito
-    from rollout_sessions.upstream import Upstream
-    from rollout_sessions.web import Guard
+    from rollout_sessions.upstream.client import Upstream
+    from rollout_sessions.upstream.controls import Overrides
+    from rollout_sessions.web.endpoints import Guard
 
 
 @dataclass(slots=True)

@@ -42,30 +42,34 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from blacksheep import Request, Response
+from blacksheep import Application, Request, Response
+from blacksheep.server.openapi.v3 import OpenAPIHandler
 
-from rollout_sessions import errors
-from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
-from rollout_sessions.errors import ApiError
-from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import NEVER_SEEN
-from rollout_sessions.sessions import CLOSING
-from rollout_sessions.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
-from rollout_sessions.trajectory import plan_turn
-from rollout_sessions.upstream import Answer
-from rollout_sessions.web import (
+from rollout_sessions.routes.relay import client_headers, passthrough
+from rollout_sessions.sessions.service import CLOSING
+from rollout_sessions.trajectory.rules import plan_turn
+from rollout_sessions.trajectory.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
+from rollout_sessions.upstream.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
+from rollout_sessions.upstream.client import Answer
+from rollout_sessions.web import errors
+from rollout_sessions.web.endpoints import (
     JSON_TYPE,
+    endpoint,
     parse_json,
     query_string,
     read_body,
     whole,
 )
+from rollout_sessions.web.errors import ApiError
+from rollout_sessions.web.openapi import ID_PARAM, document
+from rollout_sessions.web.routing import CHAT_PATH
 
 if TYPE_CHECKING:
-    from rollout_sessions.controls import InFlight, Overrides
-    from rollout_sessions.session import Session
-    from rollout_sessions.state import AppState
+    from rollout_sessions.sessions.session import Session
     from rollout_sessions.tito import Tito
+    from rollout_sessions.upstream.controls import InFlight, Overrides
+    from rollout_sessions.web.state import AppState
 
 SSE_TYPE = b"text/event-stream"
 CHECKPOINT_MISMATCH = "checkpoint_mismatch"  # a turn's outcome: its prompt left the trajectory
@@ -385,3 +389,29 @@ def _without_replay(response: dict[str, Any]) -> dict[str, Any]:
                 "meta_info": {k: v for k, v in meta.items() if k not in REPLAY_KEYS},
             }
     return response if kept is None else {**response, "choices": kept}
+
+
+def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
+    """``POST /sessions/{id}/v1/chat/completions``."""
+
+    async def chat_route(request: Request) -> Response:
+        return await chat_completions(state, request.route_values["id"], request)
+
+    chat_ep = document(
+        docs,
+        endpoint(state, "POST", "/sessions/{id}" + CHAT_PATH, chat_route),
+        summary="Chat turn through a session",
+        description="Forwarded to the upstream and recorded in the trajectory. A never-seen "
+        "id is auto-created; a deleted or closing one answers 404.",
+        tags=["chat"],
+        parameters=ID_PARAM,
+        responses={
+            200: "the upstream answer (JSON, or SSE when `stream: true`)",
+            400: "invalid id, malformed JSON or a trajectory that does not extend the session",
+            404: "deleted or closing",
+            413: "body too large",
+            502: "backend transport error or malformed backend answer",
+            504: "backend timeout",
+        },
+    )
+    app.router.add_post("/sessions/{id}" + CHAT_PATH, chat_ep)

@@ -34,13 +34,11 @@ import numpy as np
 import orjson
 import simdjson
 
-from rollout_sessions import errors
 from rollout_sessions._logprobs import narrow_ids, read_pairs
+from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TOKEN_TYPECODE, prompt_id_values
+from rollout_sessions.web import errors
 
 MAX_TOKEN_ID = 2**31 - 1
-TOKEN_TYPECODE = "i"  # token ids are stored as int32
-LOGPROB_TYPECODE = "f"  # logprobs as float32
-PROMPT_KEY = b'"prompt_token_ids":'  # as compact JSON writes the key
 _NO_LOGPROBS = (
     "meta_info and output_token_logprobs must be in choices[0] "
     "(the backend must honour return_meta_info=true and logprobs=true)"
@@ -320,15 +318,11 @@ def _may_hold_booleans(raw: bytes) -> bool:
     (duplicates too: the parser keeps the last one).
     """
     found = False
-    at = raw.find(PROMPT_KEY)
-    while at >= 0:
-        if raw[at - 1] != 0x5C:  # 0x5C: backslash
-            found = True
-            start = at + len(PROMPT_KEY)
-            end = raw.find(b"]", start)
-            if end < 0 or raw.find(b"t", start, end) >= 0 or raw.find(b"f", start, end) >= 0:
-                return True
-        at = raw.find(PROMPT_KEY, at + 1)
+    for start in prompt_id_values(raw):
+        found = True
+        end = raw.find(b"]", start)
+        if end < 0 or raw.find(b"t", start, end) >= 0 or raw.find(b"f", start, end) >= 0:
+            return True
     return not found
 
 

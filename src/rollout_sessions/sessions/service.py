@@ -29,14 +29,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rollout_sessions import errors
 from rollout_sessions.config import Settings
-from rollout_sessions.controls import InFlight
-from rollout_sessions.errors import ApiError
-from rollout_sessions.journal import Journal, JournalError, Restored
+from rollout_sessions.journal.writer import Journal, JournalError, Restored
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN, Registry, validate_id
-from rollout_sessions.session import Session
-from rollout_sessions.store import Trajectory, TurnWrite
+from rollout_sessions.sessions.session import Session
+from rollout_sessions.trajectory.store import Trajectory, TurnWrite
+from rollout_sessions.upstream.controls import InFlight
+from rollout_sessions.web import errors
+from rollout_sessions.web.errors import ApiError
 
 log = logging.getLogger("rollout_sessions")
 

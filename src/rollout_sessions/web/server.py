@@ -22,10 +22,10 @@ from typing import Any
 import uvicorn
 from blacksheep import Application
 
-from rollout_sessions._uvicorn import Server, guarded_protocol
-from rollout_sessions.app import create_app
 from rollout_sessions.config import Settings, unknown_env_vars
-from rollout_sessions.journal_db import JournalError
+from rollout_sessions.journal.db import JournalError
+from rollout_sessions.web._uvicorn import Server, guarded_protocol
+from rollout_sessions.web.app import create_app
 
 log = logging.getLogger("rollout_sessions")
 

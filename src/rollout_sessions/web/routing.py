@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from blacksheep import Request, Response, Router
 from blacksheep.server.routing import Route, RouteMatch
 
-from rollout_sessions._blacksheep import raw_path
+from rollout_sessions.web._blacksheep import raw_path
 
 Handler = Callable[[Request], Awaitable[Response]]
 

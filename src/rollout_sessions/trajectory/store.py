@@ -35,8 +35,9 @@ import numpy as np
 import orjson
 import zstandard
 
-from rollout_sessions.answer import LOGPROB_TYPECODE, PROMPT_KEY, TOKEN_TYPECODE
-
+TOKEN_TYPECODE = "i"  # token ids are stored as int32
+LOGPROB_TYPECODE = "f"  # logprobs as float32
+PROMPT_KEY = b'"prompt_token_ids":'  # as compact JSON writes the key
 _ZSTD_LEVEL = 1  # the fastest level: answers are JSON and shrink well even so
 _compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
@@ -47,24 +48,34 @@ def ids_json(ids: array) -> bytes:
     return orjson.dumps(np.frombuffer(ids, dtype=np.int32), option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def prompt_id_values(raw: bytes) -> Iterator[int]:
+    """Where the value of each ``"prompt_token_ids":`` key of the JSON ``raw`` starts.
+
+    A key's opening quote is structural when no backslash precedes it: inside
+    a JSON string every quote is escaped. So every real key is found
+    (duplicates too) and no string that merely contains the text is.
+    """
+    at = raw.find(PROMPT_KEY)
+    while at > 0:
+        if raw[at - 1] != 0x5C:  # 0x5C: backslash
+            yield at + len(PROMPT_KEY)
+        at = raw.find(PROMPT_KEY, at + 1)
+
+
 def cut_prompt_ids(
     raw: bytes, prompt: array, load: Callable[[], dict[str, Any]]
 ) -> tuple[bytes, int]:
     """The answer without the value of ``choices[0].prompt_token_ids``, and where it was.
 
     The value is found as sent when the upstream wrote it as compact JSON
-    (the key's opening quote is structural when no backslash precedes it:
-    inside a JSON string every quote is escaped); otherwise the parsed answer
+    (``prompt_id_values``); otherwise the parsed answer
     (``load()``) is written again with the value left out. Either way, inserting
     ``ids_json(prompt)`` at the offset gives an answer equal to the original.
     """
     value = ids_json(prompt)
-    at = raw.find(PROMPT_KEY)
-    while at > 0:
-        start = at + len(PROMPT_KEY)
-        if raw[at - 1] != 0x5C and raw.startswith(value, start):  # 0x5C: backslash
+    for start in prompt_id_values(raw):
+        if raw.startswith(value, start):
             return raw[:start] + raw[start + len(value) :], start
-        at = raw.find(PROMPT_KEY, at + 1)
     response = load()
     choice = response["choices"][0]
     marker = "\x00prompt_token_ids\x00"

@@ -62,9 +62,7 @@ from typing import Any
 
 import zstandard
 
-from rollout_sessions import errors
-from rollout_sessions.answer import LOGPROB_TYPECODE
-from rollout_sessions.journal_db import (
+from rollout_sessions.journal.db import (
     DB_NAME,
     KINDS,
     JournalError,
@@ -81,7 +79,8 @@ from rollout_sessions.journal_db import (
     turn_write,
     turns_by_session,
 )
-from rollout_sessions.store import TurnWrite
+from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TurnWrite
+from rollout_sessions.web import errors
 
 __all__ = ["Journal", "JournalError", "Restored"]
 

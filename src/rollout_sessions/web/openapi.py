@@ -12,8 +12,8 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 from openapidocs.v3 import Info
 
 from rollout_sessions import __version__
-from rollout_sessions._blacksheep import all_routes, document_without_binders
-from rollout_sessions.web import Guard
+from rollout_sessions.web._blacksheep import all_routes, document_without_binders
+from rollout_sessions.web.endpoints import Guard
 
 ID_PARAM = {"id": ParameterInfo("Session id", str, ParameterSource.PATH, True)}
 PATH_PARAM = {

@@ -21,12 +21,10 @@ import orjson
 from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
-from rollout_sessions import errors
-from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.routing import CHAT_PATH, SessionRouter
-from rollout_sessions.session import empty_snapshot, metadata
-from rollout_sessions.web import (
+from rollout_sessions.sessions.session import empty_snapshot, metadata
+from rollout_sessions.web import errors
+from rollout_sessions.web.endpoints import (
     JSON_TYPE,
     endpoint,
     json_response,
@@ -34,9 +32,11 @@ from rollout_sessions.web import (
     raw_json_response,
     read_body,
 )
+from rollout_sessions.web.openapi import ID_PARAM, document
+from rollout_sessions.web.routing import CHAT_PATH, SessionRouter
 
 if TYPE_CHECKING:
-    from rollout_sessions.state import AppState
+    from rollout_sessions.web.state import AppState
 
 
 def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:

@@ -1,0 +1,1 @@
+"""Many instances behind HAProxy: the supervisor and the balancer's rules."""

@@ -1,0 +1,1 @@
+"""The journal: an SQLite database written ahead of every answer."""

@@ -1,0 +1,1 @@
+"""The routes: HTTP adapters of the session service and the upstream."""

@@ -1,0 +1,1 @@
+"""The session service: the one owner of session state and its durability."""

@@ -1,0 +1,1 @@
+"""The trajectory: its store and the rules a turn follows."""

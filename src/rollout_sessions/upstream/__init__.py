@@ -1,0 +1,1 @@
+"""The upstream: the inference backend's client and its answers."""

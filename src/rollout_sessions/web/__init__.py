@@ -1,0 +1,1 @@
+"""HTTP plumbing: the app, its routing, request guards, errors, OpenAPI, the server."""
