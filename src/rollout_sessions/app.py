@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` opens the journal and restores the registry from it
 (``restart``), and wires the metrics, the routes
-(``sessions_api``, ``chat`` through ``forwarding``, service routes here), the
+(``sessions_api``, ``chat`` and the Anthropic ``messages`` through
+``forwarding``, service routes here), the
 request guards and the start-up and shutdown work: the upstream client, the
 embedded echo backend when no upstream is configured, and idle-TTL
 housekeeping. Nothing starts until the server runs the app's lifespan.
@@ -21,7 +22,7 @@ import time
 import orjson
 from blacksheep import Application, Content, Request, Response
 
-from rollout_sessions import errors, export, forwarding, openapi, sessions_api
+from rollout_sessions import errors, export, forwarding, messages, openapi, sessions_api
 from rollout_sessions.chat import chat_completions
 from rollout_sessions.config import Settings, load_settings
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
@@ -78,7 +79,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     docs = openapi.install(app, state.guard)
     sessions_api.add_routes(app, docs, state)
     export.add_routes(app, docs, state)
-    forwarding.add_routes(app, docs, state, chat=chat_completions)
+    forwarding.add_routes(app, docs, state, chat=chat_completions, turns=messages.turn_routes())
     _add_service_routes(app, docs, state)
     _add_error_handlers(app, state)
     _add_lifecycle(app, state, echo_port)

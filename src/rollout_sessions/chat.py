@@ -49,7 +49,7 @@ from rollout_sessions.errors import ApiError
 from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import DELETED, NEVER_SEEN
 from rollout_sessions.session import Session
-from rollout_sessions.store import cut_prompt_ids, ids_json
+from rollout_sessions.store import Trajectory, cut_prompt_ids, ids_json
 from rollout_sessions.trajectory import Plan, plan_turn
 from rollout_sessions.upstream import Answer
 from rollout_sessions.web import (
@@ -97,8 +97,9 @@ class ChatRequest:
 
     __slots__ = ("req", "messages", "message_bytes", "rest", "stream", "arrived")
 
-    def __init__(self, body: bytes, arrived: float) -> None:
-        req = parse_json(body)
+    def __init__(self, body: bytes | dict[str, Any], arrived: float) -> None:
+        # A dict: a request another protocol was translated to (messages.py).
+        req = body if type(body) is dict else parse_json(body)
         _check_request(req)
         self.arrived = arrived
         self.stream = bool(req.pop("stream", False))
@@ -124,6 +125,20 @@ class ChatRequest:
         parts.append(b"}")
         return b"".join(parts)
 
+    # A protocol translated to a chat turn (messages.py) overrides these three;
+    # the chat route's own change nothing.
+
+    def align(self, traj: Trajectory | None) -> None:
+        """Under the session lock, before the turn is planned on ``traj``."""
+
+    def client_answer(self, parsed: ParsedAnswer) -> Response:
+        """What the client gets for a checked answer (before anything is recorded)."""
+        return _client_answer(self, parsed)
+
+    def upstream_refused(self, answer: Answer) -> Response:
+        """What the client gets for a non-200 upstream answer."""
+        return passthrough(answer)
+
 
 def _check_request(req: Any) -> None:
     if type(req) is not dict:
@@ -148,15 +163,36 @@ def _check_request(req: Any) -> None:
 async def chat_completions(state: AppState, session_id: str, request: Request) -> Response:
     """One chat turn; raises ``ApiError`` for every error answer."""
     arrived = time.time()
-    registry = state.registry
-    session = id_checked(registry.lookup, session_id)
-    if session is DELETED or (session is not NEVER_SEEN and session.closing):
-        raise errors.session_not_found(session_id)
-
+    session = looked_up(state, session_id)
     settings = state.settings
     turn = ChatRequest(
         await read_body(request, settings.max_body_bytes, settings.header_timeout_s), arrived
     )
+    return await run_turn(
+        state, session_id, session, turn, client_headers(request), query_string(request)
+    )
+
+
+def looked_up(state: AppState, session_id: str) -> Any:
+    """Step 1: the session (or ``NEVER_SEEN``); 404 if deleted or closing."""
+    session = id_checked(state.registry.lookup, session_id)
+    if session is DELETED or (session is not NEVER_SEEN and session.closing):
+        raise errors.session_not_found(session_id)
+    return session
+
+
+async def run_turn(
+    state: AppState,
+    session_id: str,
+    session: Any,
+    turn: ChatRequest,
+    headers: list[tuple[str, str]],
+    query: str,
+) -> Response:
+    """Steps 2-4 for a checked request (``session`` from ``looked_up``);
+    ``headers`` and ``query`` go upstream with it."""
+    registry = state.registry
+    settings = state.settings
     tito = state.tito
     first_ids = None
     if session is NEVER_SEEN:
@@ -167,39 +203,68 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         if session is DELETED or session.closing:  # deleted while the body was read
             raise errors.session_not_found(session_id)
 
-    lock = session.lock
-    async with lock:
-        if session.closing:
-            raise errors.session_not_found(session_id)
-        traj = session.traj
-        plan = plan_turn(traj, turn.messages, turn.message_bytes, settings.allowed_append_roles)
-        base = traj.checkpoint(plan.keep) if traj is not None and plan.keep else None
-        last_assistant = traj.message(traj.message_end(plan.keep - 1) - 1) if base else None
-
+    plan, base, last_assistant = await _planned(session, session_id, turn, settings)
     input_ids = None
     if tito is not None:
-        if base is None:
-            input_ids = first_ids if first_ids is not None else _first_turn_ids(tito, turn)
-        else:
-            input_ids = tito.next_turn(
-                base,
-                last_assistant,  # type: ignore[arg-type]
-                turn.messages[plan.tail_start :],
-                turn.req.get("tools"),
-                turn.req.get("chat_template_kwargs"),
-                plan.tail_start,
-            )
-    answer = await _ask_upstream(state, request, turn, input_ids)
+        input_ids = _input_ids(tito, turn, plan, base, last_assistant, first_ids)
+    answer = await _ask_upstream(state, turn, input_ids, headers, query)
     if answer.status != 200:
         state.metrics.chat_turns.inc("upstream_status")
-        return passthrough(answer)
+        return turn.upstream_refused(answer)
     checked = _checked(state, turn, answer.body, input_ids)
-    async with lock:
+    async with session.lock:
         outcome = await _record(state, session_id, session, plan, turn, checked, input_ids, base)
     state.metrics.chat_turns.inc(outcome)
     if outcome == "checkpoint_mismatch":
         raise errors.checkpoint_mismatch(*_mismatch(base, checked))  # type: ignore[arg-type]
     return checked.client
+
+
+async def _planned(
+    session: Session, session_id: str, turn: ChatRequest, settings: Any
+) -> tuple[Plan, array | None, dict[str, Any] | None]:
+    """Step 2, under the lock: the plan, the checkpoint it builds on and the
+    stored assistant message that checkpoint ends with."""
+    async with session.lock:
+        if session.closing:
+            raise errors.session_not_found(session_id)
+        traj = session.traj
+        turn.align(traj)
+        plan = plan_turn(traj, turn.messages, turn.message_bytes, settings.allowed_append_roles)
+        base = traj.checkpoint(plan.keep) if traj is not None and plan.keep else None
+        last_assistant = traj.message(traj.message_end(plan.keep - 1) - 1) if base else None
+    return plan, base, last_assistant
+
+
+def _input_ids(
+    tito: Tito,
+    turn: ChatRequest,
+    plan: Plan,
+    base: array | None,
+    last_assistant: dict[str, Any] | None,
+    first_ids: array | None,
+) -> array:
+    if base is None:
+        return first_ids if first_ids is not None else _first_turn_ids(tito, turn)
+    return tito.next_turn(
+        base,
+        last_assistant,  # type: ignore[arg-type]
+        turn.messages[plan.tail_start :],
+        turn.req.get("tools"),
+        turn.req.get("chat_template_kwargs"),
+        plan.tail_start,
+    )
+
+
+async def prompt_ids(state: AppState, session_id: str, session: Any, turn: ChatRequest) -> array:
+    """The ``input_ids`` this turn would send (TITO on), changing nothing:
+    ``session`` from ``looked_up``; 400 where the turn would be refused."""
+    tito = state.tito
+    assert tito is not None
+    if session is NEVER_SEEN or session.traj is None:
+        return _first_turn_ids(tito, turn)
+    plan, base, last_assistant = await _planned(session, session_id, turn, state.settings)
+    return _input_ids(tito, turn, plan, base, last_assistant, None)
 
 
 def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
@@ -209,12 +274,14 @@ def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
 
 
 async def _ask_upstream(
-    state: AppState, request: Request, turn: ChatRequest, input_ids: array | None
+    state: AppState,
+    turn: ChatRequest,
+    input_ids: array | None,
+    headers: list[tuple[str, str]],
+    query: str,
 ) -> Answer:
     try:
-        return await state.upstream.chat(
-            turn.upstream_body(input_ids), client_headers(request), query_string(request)
-        )
+        return await state.upstream.chat(turn.upstream_body(input_ids), headers, query)
     except ApiError as exc:
         state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
@@ -256,7 +323,7 @@ def _checked(
         try:
             answer, cut = cut_prompt_ids(raw, parsed.prompt_ids, lambda: parsed.response)
             assistant = orjson.dumps(parsed.message)
-            client = _client_answer(turn, parsed)
+            client = turn.client_answer(parsed)
         except orjson.JSONEncodeError as exc:
             raise errors.upstream_malformed(f"the answer cannot be written again ({exc})") from None
     except ApiError:
