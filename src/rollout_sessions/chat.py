@@ -26,6 +26,11 @@ for one; with the journal on, step 4 awaits the turn's commit under the
 lock (a DELETE may wait for that, never longer: the record is durable
 before the answer, and the delete is ordered after it).
 
+``run_turn`` is steps 1-4 for a request already read and checked, so
+another protocol translated to a chat request (``messages.py``, Anthropic
+Messages) is driven by the same turn; ``ChatRequest``'s three hooks
+(``align``, ``client_answer``, ``upstream_refused``) are where it differs.
+
 ``stream: true`` is served from the complete upstream answer (the backend
 is always called without streaming: the trajectory needs the whole answer
 and its token ids) as a short, valid SSE stream. Routing-replay
