@@ -193,20 +193,24 @@ def _messages(messages: Any, system: Any) -> list[dict[str, Any]]:
         text = _text(system, "system")
         if text:
             out.append({"role": "system", "content": text})
+    # Where a defect is, is written only for its error: this runs on every turn.
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
         if type(message) is not dict:
-            raise invalid(f"{where} must be an object")
+            raise invalid(f"messages[{i}] must be an object")
         role = message.get("role")
         content = message.get("content")
         if role == "user":
-            out += _user(content, where)
+            if type(content) is str:
+                out.append({"role": "user", "content": content})
+            else:
+                out += _user(content, i)
         elif role == "assistant":
-            out.append(_assistant(content, where))
+            out.append(_assistant(content, i))
         elif role == "system":
-            out.append({"role": "system", "content": _text(content, where + ".content")})
+            text = _text(content, f"messages[{i}].content")
+            out.append({"role": "system", "content": text})
         else:
-            raise invalid(f"{where}.role must be user or assistant, not {role!r}")
+            raise invalid(f"messages[{i}].role must be user or assistant, not {role!r}")
     if messages[-1].get("role") == "assistant":
         raise invalid(
             "the last message is an assistant message (a prefill to continue), "
@@ -215,19 +219,23 @@ def _messages(messages: Any, system: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+def _at(i: int, j: int) -> str:
+    return f"messages[{i}].content[{j}]"
+
+
+def _blocks(content: Any, i: int) -> list[dict[str, Any]]:
     if type(content) is not list:
-        raise invalid(f"{where}.content must be a string or a list of content blocks")
+        raise invalid(f"messages[{i}].content must be a string or a list of content blocks")
     for j, block in enumerate(content):
         if type(block) is not dict or type(block.get("type")) is not str:
-            raise invalid(f"{where}.content[{j}] must be a content block with a type")
+            raise invalid(f"{_at(i, j)} must be a content block with a type")
     return content
 
 
-def _block_text(block: dict[str, Any], where: str) -> str:
+def _block_text(block: dict[str, Any], i: int, j: int) -> str:
     text = block.get("text")
     if type(text) is not str:
-        raise invalid(f"{where}.text must be a string")
+        raise invalid(f"{_at(i, j)}.text must be a string")
     return text
 
 
@@ -242,61 +250,61 @@ def _text(content: Any, where: str) -> str:
         kind = block.get("type") if type(block) is dict else None
         if kind != "text":
             raise not_carried(f"{where}[{j}]", f"a {kind} block" if kind else "not a text block")
-        parts.append(_block_text(block, f"{where}[{j}]"))
+        text = block.get("text")
+        if type(text) is not str:
+            raise invalid(f"{where}[{j}].text must be a string")
+        parts.append(text)
     return "\n".join(parts)
 
 
-def _user(content: Any, where: str) -> list[dict[str, Any]]:
-    if type(content) is str:
-        return [{"role": "user", "content": content}]
+def _user(content: Any, i: int) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     texts: list[str] = []
-    for j, block in enumerate(_blocks(content, where)):
-        at = f"{where}.content[{j}]"
+    for j, block in enumerate(_blocks(content, i)):
         kind = block["type"]
         if kind == "text":
-            texts.append(_block_text(block, at))
+            texts.append(_block_text(block, i, j))
         elif kind == "tool_result":
             if texts:
                 out.append({"role": "user", "content": "\n".join(texts)})
                 texts = []
             call_id = block.get("tool_use_id")
             if type(call_id) is not str:
-                raise invalid(f"{at}.tool_use_id must be a string")
+                raise invalid(f"{_at(i, j)}.tool_use_id must be a string")
             result = block.get("content")
-            text = "" if result is None else _text(result, at + ".content")
-            out.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            if type(result) is not str:
+                result = "" if result is None else _text(result, f"{_at(i, j)}.content")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": result})
         elif kind in ("tool_use", "thinking", "redacted_thinking"):
-            raise invalid(f"{at}: a {kind} block belongs in an assistant message")
+            raise invalid(f"{_at(i, j)}: a {kind} block belongs in an assistant message")
         else:
-            raise not_carried(at, f"a {kind} block")
+            raise not_carried(_at(i, j), f"a {kind} block")
     if texts or not out:
         out.append({"role": "user", "content": "\n".join(texts)})
     return out
 
 
-def _assistant(content: Any, where: str) -> dict[str, Any]:
+def _assistant(content: Any, i: int) -> dict[str, Any]:
     if type(content) is str:
         return {"role": "assistant", "content": content}
     texts: list[str] = []
     reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
-    for j, block in enumerate(_blocks(content, where)):
-        at = f"{where}.content[{j}]"
+    for j, block in enumerate(_blocks(content, i)):
         kind = block["type"]
         if kind == "text":
-            texts.append(_block_text(block, at))
+            texts.append(_block_text(block, i, j))
+        elif kind == "tool_use":
+            calls.append(_tool_call(block, i, j))
         elif kind == "thinking":
             thought = block.get("thinking")
             if type(thought) is not str:
-                raise invalid(f"{at}.thinking must be a string")
+                raise invalid(f"{_at(i, j)}.thinking must be a string")
             reasoning.append(thought)
-        elif kind == "tool_use":
-            calls.append(_tool_call(block, at))
         elif kind == "tool_result":
-            raise invalid(f"{at}: a tool_result block belongs in a user message")
+            raise invalid(f"{_at(i, j)}: a tool_result block belongs in a user message")
         else:
-            raise not_carried(at, f"a {kind} block")
+            raise not_carried(_at(i, j), f"a {kind} block")
     message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
     if reasoning:
         message["reasoning_content"] = "\n".join(reasoning)
@@ -305,16 +313,16 @@ def _assistant(content: Any, where: str) -> dict[str, Any]:
     return message
 
 
-def _tool_call(block: dict[str, Any], at: str) -> dict[str, Any]:
+def _tool_call(block: dict[str, Any], i: int, j: int) -> dict[str, Any]:
     call_id, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
     if type(call_id) is not str or type(name) is not str:
-        raise invalid(f"{at}: a tool_use block needs a string id and name")
+        raise invalid(f"{_at(i, j)}: a tool_use block needs a string id and name")
     if type(arguments) is not dict:
-        raise invalid(f"{at}.input must be an object")
+        raise invalid(f"{_at(i, j)}.input must be an object")
     try:
         text = orjson.dumps(arguments).decode()
     except orjson.JSONEncodeError as exc:
-        raise invalid(f"{at}.input cannot be written as JSON ({exc})") from None
+        raise invalid(f"{_at(i, j)}.input cannot be written as JSON ({exc})") from None
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
 
 
