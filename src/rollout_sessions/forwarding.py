@@ -28,6 +28,7 @@ from rollout_sessions.routing import CHAT_PATH, CHAT_SUBPATH, raw_subpath
 from rollout_sessions.upstream import HOP_BY_HOP, Answer
 from rollout_sessions.web import (
     endpoint,
+    error_response,
     head_answer,
     id_checked,
     query_string,
@@ -219,7 +220,6 @@ def add_routes(
     /sessions/{id}/{sub-path}`` for each of ``turns``, and the generic proxy."""
     turns = dict(turns or {})
     named = (CHAT_SUBPATH, *turns)
-    count_error = state.metrics.responses.inc
 
     async def chat_route(request: Request) -> Response:
         return await chat(state, request.route_values["id"], request)
@@ -236,13 +236,13 @@ def add_routes(
                 )
             return await chat(state, sid, request)
         if sub is not None:
-            turn = turns[sub]
-            try:
-                return await turn.handler(state, sid, request)
-            except ApiError as err:
-                count_error(str(err.status))
-                return turn.render_error(err)
+            return await turns[sub].handler(state, sid, request)
         return await forward(state, raw, request)
+
+    def proxy_error(err: ApiError, request: Request) -> Response:
+        """An encoded turn path's errors (the guard's too) in that route's shape."""
+        sub = named_subpath(raw_subpath(request), tuple(turns)) if turns else None
+        return turns[sub].render_error(err) if sub is not None else error_response(err)
 
     for sub, turn in turns.items():
         template = "/sessions/{id}/" + sub
@@ -253,7 +253,13 @@ def add_routes(
 
         ep = document(
             docs,
-            endpoint(state, "POST", template, turn_route, on_error=turn.render_error),
+            endpoint(
+                state,
+                "POST",
+                template,
+                turn_route,
+                on_error=lambda err, request, turn=turn: turn.render_error(err),
+            ),
             summary=turn.summary,
             description=turn.description,
             tags=turn.tags,
@@ -283,7 +289,7 @@ def add_routes(
     for method in PROXY_METHODS:
         ep = document(
             docs,
-            endpoint(state, method, "/sessions/{id}/{path}", proxy_route),
+            endpoint(state, method, "/sessions/{id}/{path}", proxy_route, on_error=proxy_error),
             summary="Forward to the upstream",
             description="Forwarded to `{upstream}/{path}`; no session state is touched.",
             tags=["proxy"],

@@ -127,11 +127,11 @@ def endpoint(
     template: str,
     handler: Handler,
     public: bool = False,
-    on_error: Callable[[ApiError], Response] | None = None,
+    on_error: Callable[[ApiError, Request], Response] | None = None,
 ) -> Handler:
     """``handler`` as a route: guarded (``Guard``), ``ApiError`` answered as JSON
-    (``error_response``, or ``on_error`` for a route with its own error shape),
-    latency kept in a histogram.
+    (``error_response``, or ``on_error(err, request)`` for a route with its own
+    error shape), latency kept in a histogram.
 
     Every handler takes only ``request`` and is annotated ``-> Response``, so
     BlackSheep calls it directly (no binders, no output wrapper).
@@ -140,7 +140,7 @@ def endpoint(
     refuse = state.guard.refuse
     observe = metrics.route(method, template).observe
     count_error = metrics.responses.inc
-    render_error = on_error or error_response
+    render_error = on_error or (lambda err, request: error_response(err))
 
     async def route(request: Request) -> Response:
         start = perf_counter()
@@ -151,7 +151,7 @@ def endpoint(
             return await handler(request)
         except ApiError as err:
             count_error(str(err.status))
-            return render_error(err)
+            return render_error(err, request)
         finally:
             observe(perf_counter() - start)
 

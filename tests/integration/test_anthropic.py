@@ -500,6 +500,11 @@ def test_encoded_paths_are_the_messages_routes_never_forwarded(srv: ServerProc) 
     assert_error(resp, 405, "invalid_request_error", "method PUT not allowed")
     resp = post(srv, f"/sessions/{s}/v1/messages/count%5Ftokens", ok)
     assert_error(resp, 501, "api_error", "count_tokens needs")
+    resp = post(srv, "/sessions/bad%20id/v1/%6Dessages", ok)
+    assert_error(resp, 400, "invalid_request_error", "")
+    # Any other path keeps the generic route's error shape.
+    resp = srv.get("/sessions/bad%20id/v1/models")
+    assert resp.status_code == 400 and isinstance(resp.json()["error"], str)
 
 
 # -- auth ----------------------------------------------------------------------------------
@@ -526,6 +531,8 @@ def test_x_api_key_and_bearer_and_nothing_upstream(server_factory) -> None:
             "error": {"type": "authentication_error", "message": "unauthorized"},
         }
         resp = post(srv, f"/sessions/{s}/v1/messages/count_tokens", {})
+        assert_error(resp, 401, "authentication_error", "unauthorized")
+        resp = post(srv, f"/sessions/{s}/v1/%6Dessages", {})  # encoded: the same route
         assert_error(resp, 401, "authentication_error", "unauthorized")
         # The other routes take x-api-key too, in their own error shape.
         assert srv.get(f"/sessions/{s}", headers={"x-api-key": key}).status_code == 200
