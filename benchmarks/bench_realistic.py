@@ -31,15 +31,31 @@ saturated machine (in a closed loop, p99 follows turns/s). Use it with
     .venv/bin/python benchmarks/bench_realistic.py --no-memory --targets ours,ours_nojournal \\
         --concurrency "" --rates 20,30 --rounds 3 --duration 10
 
-Target: server CPU per turn at most 1/15 of the reference's.
+``--targets chat_tools,anthropic`` is the Anthropic Messages A/B: two
+servers of the default configuration, one sent the agent workload as chat
+completions (``loadgen.py realistic --tools``: every answer a tool call, every
+tool result carrying its id), the other the same conversations as Anthropic
+Messages (``--protocol anthropic``). After the rounds, one session of each is
+kept and read back: their trajectories (forwarded requests, answers, token
+ids) must be equal.
+
+    .venv/bin/python benchmarks/bench_realistic.py --targets chat_tools,anthropic \
+        --concurrency 16,64 --duration 8 --rounds 3 --no-memory \
+        --json benchmarks/results/realistic_anthropic.json
+
+Targets: server CPU per turn at most 1/15 of the reference's; Anthropic
+Messages at most 1.15x the CPU per turn of the same turns as chat.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +109,11 @@ def load_args(url: str, a: argparse.Namespace, c: int, duration: float, *extra: 
 # The load generator's extra arguments for a target: `floor` sends the same
 # turns through the generic forwarding route (served by `serve --no-journal`),
 # so its CPU per turn is what the HTTP stack costs with no session work.
-LOAD_EXTRA = {"floor": ("--forwarded",)}
+LOAD_EXTRA = {
+    "floor": ("--forwarded",),
+    "chat_tools": ("--tools",),
+    "anthropic": ("--protocol", "anthropic"),
+}
 
 
 def one_round(
@@ -182,6 +202,21 @@ def memory(name: str, argv: Any, a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def kept_trajectory(url: str, a: argparse.Namespace, extra: tuple[str, ...]) -> dict[str, Any]:
+    """One session of the workload, kept and read back: what it recorded."""
+    with tempfile.NamedTemporaryFile("r", suffix=".ids") as ids:
+        keep = ("--keep", "--sessions", "1", "--ids-out", ids.name, *extra)
+        run_loadgen(*load_args(url, a, 1, 600, *keep))
+        sid = ids.read().split()[0]
+    with urllib.request.urlopen(f"{url}/sessions/{sid}", timeout=60) as resp:
+        got = json.loads(resp.read())
+    return {
+        "requests": [record["request"] for record in got["records"]],
+        "choices": [record["response"]["choices"] for record in got["records"]],
+        "tokens": got["metadata"]["accumulated_token_ids"],
+    }
+
+
 def server_argvs(up: str, a: argparse.Namespace) -> dict[str, Any]:
     """The targets: our server as configured by default (journal on), without the
     journal, with token-in token-out, the FastAPI reference, and ``floor``
@@ -191,6 +226,9 @@ def server_argvs(up: str, a: argparse.Namespace) -> dict[str, Any]:
         "ours_nojournal": ours_argv(up, "--no-journal"),
         "reference": lambda port: reference_argv(port, up),
         "floor": ours_argv(up, "--no-journal"),
+        # The Anthropic A/B: the default configuration twice, one per protocol.
+        "chat_tools": ours_argv(up),
+        "anthropic": ours_argv(up),
     }
     if a.tokenizer:
         argvs["ours_tito"] = ours_argv(up, "--tokenizer", a.tokenizer, "--tito-model", "qwen3")
@@ -230,6 +268,14 @@ def main() -> None:
                 proc = stack.enter_context(started_process(name, argv))
                 servers[name] = (psutil.Process(proc.pid), proc.url)
             res["throughput"] = throughput(servers, a)
+            if "chat_tools" in servers and "anthropic" in servers:
+                kept = {
+                    name: kept_trajectory(servers[name][1], a, LOAD_EXTRA[name])
+                    for name in ("chat_tools", "anthropic")
+                }
+                res["equal_trajectories"] = kept["chat_tools"] == kept["anthropic"]
+                res["kept_turns"] = {name: len(k["requests"]) for name, k in kept.items()}
+                print(f"equal trajectories: {res['equal_trajectories']} {res['kept_turns']}")
         if not a.no_memory:
             res["memory"] = {
                 name: memory(name, argv, a) for name, argv in argvs.items() if name != "floor"
@@ -273,6 +319,25 @@ def main() -> None:
                     "met": extra <= 0.3,
                 }
             )
+    for c, row in res["throughput"].items():
+        if "chat_tools" in row and "anthropic" in row:
+            at = f"c={c}" if c.isdigit() else f"{c.removeprefix('rate')} sessions/s"
+            ratio = row["anthropic"]["cpu_ms_per_turn"] / row["chat_tools"]["cpu_ms_per_turn"]
+            targets.append(
+                {
+                    "target": f"Anthropic CPU per turn <= 1.15x chat at {at}",
+                    "value": ratio,
+                    "met": ratio <= 1.15,
+                }
+            )
+    if "equal_trajectories" in res:
+        targets.append(
+            {
+                "target": "Anthropic and chat sessions record equal trajectories",
+                "value": float(res["equal_trajectories"]),
+                "met": res["equal_trajectories"] and min(res["kept_turns"].values()) == a.turns,
+            }
+        )
     memory_limits = {"ours": 150 * 1024, "ours_nojournal": 400 * 1024}
     for name, limit in memory_limits.items():
         if name in res.get("memory", {}):

@@ -20,6 +20,12 @@ JSON line (and a human line on stderr):
     # what the HTTP stack alone costs per turn
     python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 --forwarded
 
+    # the same turns as an agent's tool steps: the backend answers each with a
+    # tool call (--tools), sent as chat completions or as Anthropic Messages
+    # (--protocol anthropic, through /sessions/{id}/v1/messages)
+    python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 --tools
+    python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 --protocol anthropic
+
     # the same sessions in an open loop: 30 arriving per second, whatever the
     # server's speed (--concurrency caps those in flight)
     python benchmarks/loadgen.py realistic --url http://127.0.0.1:8000 \
@@ -63,6 +69,24 @@ from rollout_sessions.testing.client import (  # noqa: E402
 # A route the realistic backend answers as chat, and that the server's chat
 # route does not match: turns sent there take the generic forwarding route.
 FORWARDED_CHAT = "v1/forwarded/chat/completions"
+
+# The tool of the agent workload (--tools, --protocol anthropic), in both
+# protocols' words; both translate to the same chat request.
+AGENT_SYSTEM = "You are an agent."
+AGENT_MAX_TOKENS = 4096
+AGENT_TOOL = {
+    "name": "search",
+    "description": "search the repository",
+    "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+}
+CHAT_AGENT_TOOL = {
+    "type": "function",
+    "function": {
+        "name": AGENT_TOOL["name"],
+        "description": AGENT_TOOL["description"],
+        "parameters": AGENT_TOOL["input_schema"],
+    },
+}
 
 
 @dataclass
@@ -218,23 +242,10 @@ async def _realistic_session(
         if status != 200:
             rec.error(f"create: {status}")
             return
-        path = f"/sessions/{sid}/{FORWARDED_CHAT}" if a.forwarded else chat_path(sid)
-        messages: list[dict[str, Any]] = [
-            {"role": "system", "content": "You are an agent."},
-            {"role": "user", "content": "solve " + tool},
-        ]
-        for k in range(a.turns):
-            budget[0] -= 1
-            body = json.dumps({"model": "m", "messages": messages}).encode()
-            data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {k}")
-            if data is None:
-                break
-            content = json.loads(data)["choices"][0]["message"]["content"]
-            messages = [
-                *messages,
-                {"role": "assistant", "content": content},
-                {"role": "tool", "content": f"{k} {tool}"},
-            ]
+        if a.protocol == "anthropic":
+            await _anthropic_turns(client, rec, budget, a, tool, sid)
+        else:
+            await _chat_turns(client, rec, budget, a, tool, sid)
         if not a.keep:
             await get_session(client, sid)
             await delete_session(client, sid)
@@ -243,6 +254,64 @@ async def _realistic_session(
                 out.write(sid + "\n")
     except HttpError as e:
         rec.error(str(e))
+
+
+async def _chat_turns(
+    client: HttpClient, rec: Recorder, budget: list[int], a: argparse.Namespace, tool: str, sid: str
+) -> None:
+    path = f"/sessions/{sid}/{FORWARDED_CHAT}" if a.forwarded else chat_path(sid)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": AGENT_SYSTEM},
+        {"role": "user", "content": "solve " + tool},
+    ]
+    extra: dict[str, Any] = {}
+    if a.tools:
+        extra = {"max_tokens": AGENT_MAX_TOKENS, "tools": [CHAT_AGENT_TOOL]}
+    for k in range(a.turns):
+        budget[0] -= 1
+        body = json.dumps({"model": "m", "messages": messages, **extra}).encode()
+        data = await _timed_turn(rec, client, path, body, f"chat {sid} turn {k}")
+        if data is None:
+            break
+        message = json.loads(data)["choices"][0]["message"]
+        result: dict[str, Any] = {"role": "tool", "content": f"{k} {tool}"}
+        if a.tools:  # the message as the backend sent it, as agents send it back
+            assistant = message
+            call_id = message["tool_calls"][0]["id"]
+            result = {"role": "tool", "tool_call_id": call_id, "content": f"{k} {tool}"}
+        else:
+            assistant = {"role": "assistant", "content": message["content"]}
+        messages = [*messages, assistant, result]
+
+
+async def _anthropic_turns(
+    client: HttpClient, rec: Recorder, budget: list[int], a: argparse.Namespace, tool: str, sid: str
+) -> None:
+    """The --tools conversation as an Anthropic client sends it."""
+    path = f"/sessions/{sid}/v1/messages"
+    messages: list[dict[str, Any]] = [{"role": "user", "content": "solve " + tool}]
+    for k in range(a.turns):
+        budget[0] -= 1
+        body = json.dumps(
+            {
+                "model": "m",
+                "max_tokens": AGENT_MAX_TOKENS,
+                "system": AGENT_SYSTEM,
+                "messages": messages,
+                "tools": [AGENT_TOOL],
+            }
+        ).encode()
+        data = await _timed_turn(rec, client, path, body, f"messages {sid} turn {k}")
+        if data is None:
+            break
+        content = json.loads(data)["content"]
+        use = next(block for block in content if block["type"] == "tool_use")
+        result = {"type": "tool_result", "tool_use_id": use["id"], "content": f"{k} {tool}"}
+        messages = [
+            *messages,
+            {"role": "assistant", "content": content},
+            {"role": "user", "content": [result]},
+        ]
 
 
 def tool_result(words: int) -> str:
@@ -378,6 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help=f"send the turns through the generic forwarding route ({FORWARDED_CHAT}, "
                 "which the realistic backend answers as chat): the same bytes, no session work",
+            )
+            s.add_argument(
+                "--tools",
+                action="store_true",
+                help="an agent's tool steps: the request carries a tool, the realistic "
+                "backend answers each turn with a tool call, the tool result carries its id",
+            )
+            s.add_argument(
+                "--protocol",
+                choices=("chat", "anthropic"),
+                default="chat",
+                help="anthropic: the --tools conversation as Anthropic Messages "
+                "(/sessions/{id}/v1/messages)",
             )
             s.add_argument(
                 "--rate",

@@ -14,12 +14,19 @@ of an agentic rollout:
   generation prompt), so each turn's prompt extends the previous turn's
   prompt and completion; ``input_ids`` is honoured when sent.
 
+A request with ``tools`` is answered as an agent's step: the text and one
+tool call, in SGLang's message shape (``reasoning_content: null``, the call's
+``index``, ``arguments`` written with spaces as models write them), and the
+answer depends only on the request (not on how many came before), so the
+same conversation sent twice, or in two protocols, gets the same answers.
+
     python benchmarks/realistic_backend.py --port 8200 [--completion-words 800]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import zlib
 from typing import Any
@@ -43,6 +50,9 @@ def render(messages: list[dict[str, Any]]) -> list[int]:
     for message in messages:
         out += [IM_START, ROLE_IDS.get(message.get("role"), ROLE_OTHER)]
         out += word_ids(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            function = call["function"]
+            out += word_ids(function["name"] + " " + function["arguments"])
         out.append(IM_END)
     return out
 
@@ -56,12 +66,34 @@ class Backend:
         body = orjson.loads(await request.read())
         self.count += 1
         n = self.count
+        messages = body.get("messages") or []
+        tools = body.get("tools")
+        if tools:  # deterministic: the same request, the same answer
+            last = messages[-1].get("content") if messages else ""
+            n = zlib.crc32(f"{len(messages)}:{last}".encode()) % 100_003
         if "input_ids" in body:
             prompt = list(body["input_ids"])
         else:
-            prompt = render(body.get("messages") or []) + [IM_START, ROLE_IDS["assistant"]]
+            prompt = render(messages) + [IM_START, ROLE_IDS["assistant"]]
         text = " ".join(f"w{(n * 7 + i) % 997}" for i in range(self.completion_words))
-        completion = [*word_ids(text), IM_END]
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish = "stop"
+        completion = word_ids(text)
+        if tools:
+            name = tools[0]["function"]["name"]
+            arguments = json.dumps({"query": f"q{n}", "page": n % 7})
+            message["reasoning_content"] = None
+            message["tool_calls"] = [
+                {
+                    "id": f"call_{n}",
+                    "index": 0,
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+            ]
+            finish = "tool_calls"
+            completion += word_ids(name + " " + arguments)
+        completion = [*completion, IM_END]
         content = [
             {"token": f"w{i}", "logprob": -0.25, "bytes": [119, 49], "top_logprobs": []}
             for i in range(len(completion))
@@ -74,16 +106,16 @@ class Backend:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": {"content": content},
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                     "prompt_token_ids": prompt,
                     "meta_info": {
                         "id": str(n),
                         "prompt_tokens": len(prompt),
                         "completion_tokens": len(completion),
                         "cached_tokens": 0,
-                        "finish_reason": {"type": "stop"},
+                        "finish_reason": {"type": finish},
                         "output_token_logprobs": [[-0.25, t, None] for t in completion],
                     },
                 }

@@ -311,7 +311,8 @@ SPECS: tuple[_Spec, ...] = (
         "api_key",
         _secret,
         "KEY",
-        "when set, every route but /health needs 'Authorization: Bearer <KEY>' (else 401); "
+        "when set, every route but /health needs 'Authorization: Bearer <KEY>' or "
+        "'x-api-key: <KEY>' (else 401); "
         "never forwarded upstream",
     ),
     _Spec(

@@ -11,6 +11,12 @@ must be refused with 404; a retry answered 200 is a *resurrection*. The
 summary table counts them, and the exit status is non-zero if there is any
 resurrection or any other unexpected answer.
 
+``--protocol anthropic`` speaks Anthropic Messages instead
+(``POST /sessions/{id}/v1/messages``): each session is a tool-using agent
+that gets a ``tool_use`` on every turn but the last, answers it with a
+``tool_result``, and ends on a text answer (``end_turn``); its stale retry
+is a Messages turn too.
+
 Clients and server processes come from ``rollout_sessions.testing``.
 """
 
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import orjson
 
 from rollout_sessions.testing.client import (
     SessionClient,
@@ -37,6 +44,15 @@ from rollout_sessions.testing.client import (
 from rollout_sessions.testing.processes import ManagedProcess, free_port, serve_argv
 
 KINDS = ("minted", "by_id", "auto")
+PROTOCOLS = ("chat", "anthropic")
+MESSAGES_PATH = "/sessions/{}/v1/messages"
+ANTHROPIC_TOOLS = [
+    {
+        "name": "lookup",
+        "description": "look something up",
+        "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}},
+    }
+]
 
 
 @dataclass
@@ -49,6 +65,7 @@ class Tally:
     resurrections: int = 0
     errors: int = 0
     requests: int = 0
+    tool_calls: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     error_samples: list[str] = field(default_factory=list)
 
@@ -62,8 +79,60 @@ def _kind(n: int, mode: str) -> str:
     return KINDS[n % 3] if mode == "mixed" else mode
 
 
+def _anthropic_body(messages: list[dict[str, Any]], turns: int) -> bytes:
+    return orjson.dumps(
+        {
+            "model": "echo",
+            "max_tokens": 64,
+            "system": "You are a rollout agent.",
+            "messages": messages,
+            "tools": ANTHROPIC_TOOLS,
+            # The echo backend calls the tool on every turn but the last.
+            "echo": {"tool_rounds": turns - 1},
+        }
+    )
+
+
+def _anthropic_next(
+    messages: list[dict[str, Any]], data: bytes, turn: int, turns: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The agent's next messages after an Anthropic answer (the answer's blocks,
+    then a tool_result per tool_use), and what was wrong with the answer."""
+    answer = orjson.loads(data)
+    content = answer["content"]
+    uses = [block for block in content if block["type"] == "tool_use"]
+    expected = "tool_use" if turn < turns - 1 else "end_turn"
+    wrong = None
+    if answer["stop_reason"] != expected or bool(uses) != (expected == "tool_use"):
+        wrong = f"turn {turn}: stop_reason {answer['stop_reason']}, expected {expected}"
+    results = [
+        {"type": "tool_result", "tool_use_id": use["id"], "content": f"observation {turn}"}
+        for use in uses
+    ]
+    after = [{"role": "assistant", "content": content}]
+    if results:
+        after.append({"role": "user", "content": results})
+    return [*messages, *after], wrong
+
+
+async def _turn(
+    client: SessionClient, sid: str, protocol: str, messages: list[dict[str, Any]], turns: int
+) -> tuple[int, bytes]:
+    if protocol == "anthropic":
+        body = _anthropic_body(messages, turns)
+        return await client.request("POST", MESSAGES_PATH.format(sid), body)
+    return await client.chat(sid, messages, max_tokens=16)
+
+
 async def _one_session(
-    client: SessionClient, n: int, turns: int, retries: int, mode: str, tally: Tally, prefix: str
+    client: SessionClient,
+    n: int,
+    turns: int,
+    retries: int,
+    mode: str,
+    tally: Tally,
+    prefix: str,
+    protocol: str = "chat",
 ) -> None:
     kind = _kind(n, mode)
     sid: str | None
@@ -78,14 +147,25 @@ async def _one_session(
         tally.error(f"create {kind} {sid}: {status}")
         return
     messages = first_messages(n)
+    if protocol == "anthropic":  # the system prompt is a field of its own
+        messages = messages[1:]
+    sent = messages
     for t in range(turns):
-        status, data = await client.chat(sid, messages, max_tokens=16)
+        sent = messages
+        status, data = await _turn(client, sid, protocol, messages, turns)
         tally.requests += 1
         if status != 200:
-            tally.error(f"chat {sid} turn {t}: {status} {data[:200]!r}")
+            tally.error(f"{protocol} {sid} turn {t}: {status} {data[:200]!r}")
             return
         tally.turns += 1
-        messages = next_messages(messages, data, t)
+        if protocol == "anthropic":
+            messages, wrong = _anthropic_next(messages, data, t, turns)
+            tally.tool_calls += t < turns - 1 and wrong is None
+            if wrong is not None:
+                tally.error(f"anthropic {sid} {wrong}")
+                return
+        else:
+            messages = next_messages(messages, data, t)
     status, data = await client.get(sid)
     tally.requests += 1
     if status != 200:
@@ -106,7 +186,7 @@ async def _one_session(
     for _ in range(retries):
         for label in ("chat", "get"):
             if label == "chat":
-                status, data = await client.chat(sid, messages, max_tokens=16)
+                status, data = await _turn(client, sid, protocol, sent, turns)
             else:
                 status, data = await client.get(sid)
             tally.requests += 1
@@ -128,6 +208,7 @@ async def run_rollout(
     retries: int = 1,
     mode: str = "mixed",
     on_session: Callable[[], None] | None = None,
+    protocol: str = "chat",
 ) -> tuple[Tally, float]:
     """Drive the rollout; returns the tally and the elapsed seconds."""
     tally = Tally()
@@ -137,7 +218,7 @@ async def run_rollout(
     async def worker(client: SessionClient) -> None:
         for n in counter:
             try:
-                await _one_session(client, n, turns, retries, mode, tally, prefix)
+                await _one_session(client, n, turns, retries, mode, tally, prefix, protocol)
             except (aiohttp.ClientError, TimeoutError) as e:
                 tally.error(f"{type(e).__name__}: {e}")
             if on_session is not None:
@@ -155,6 +236,7 @@ def summary_rows(tally: Tally, elapsed: float) -> list[tuple[str, str]]:
     return [
         ("sessions", f"{tally.sessions:,}  ({kinds})"),
         ("turns", f"{tally.turns:,}"),
+        ("tool calls answered", f"{tally.tool_calls:,}"),
         ("deletes", f"{tally.deletes:,}"),
         ("stale retries sent", f"{tally.retries:,}"),
         ("retries refused (404)", f"{tally.retries_refused:,}"),
@@ -208,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how sessions come to exist: minted by the server, created by id, "
         "auto-created by the first chat, or a mix of the three (default)",
     )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="chat",
+        help="chat: OpenAI chat completions (default); anthropic: Anthropic Messages "
+        "(/v1/messages), a tool call on every turn but the last",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="also print the tally as one JSON line")
     return p
@@ -247,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.retries,
                     args.ids,
                     on_session=lambda: bar.update(1),
+                    protocol=args.protocol,
                 )
             )
 

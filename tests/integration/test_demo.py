@@ -57,3 +57,18 @@ def test_demo_counts_resurrections_and_fails(capsys: pytest.CaptureFixture[str])
 def test_demo_refuses_a_non_loopback_target(capsys: pytest.CaptureFixture[str]) -> None:
     assert demo.main(["--url", "http://192.0.2.1:8000", "--sessions", "1", "--no-progress"]) == 2
     assert "non-loopback" in capsys.readouterr().err
+
+
+def test_demo_anthropic_protocol_drives_a_tool_using_agent(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rc = demo.main(
+        ["--protocol", "anthropic", "--sessions", "60", "--concurrency", "8", "--turns", "3"]
+        + ["--no-progress", "--json"]
+    )
+    out = capsys.readouterr().out
+    t = _tally(out)
+    assert rc == 0, out
+    assert t["sessions"] == 60 and t["turns"] == 180
+    assert t["tool_calls"] == 120  # a tool_use answered on every turn but the last
+    assert t["retries_refused"] == 120 and t["resurrections"] == 0 and t["errors"] == 0

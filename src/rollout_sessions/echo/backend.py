@@ -16,6 +16,7 @@ Control fields for tests and demos ride in the request body under ``"echo"``
     {"echo": {"latency_ms": 500,        # answer after this delay
               "text": "...",            # reply text instead of "echo: <last message>"
               "tool_rounds": 2,         # tool calls before a text answer (needs "tools")
+              "truncate": true,         # honour max_tokens: cut the completion, finish "length"
               "drift": true,            # with a tokenizer: a non-canonical tokenization
               "reasoning": "...",       # reasoning_content of the reply
               "replay": true,           # meta_info.routed_experts and indexer_topk
@@ -23,7 +24,13 @@ Control fields for tests and demos ride in the request body under ``"echo"``
               "status": 503,            # answer this status with a JSON error body
               "fault": "no_meta_info" | "no_logprobs" | "content_none" |
                        "count_mismatch" | "no_prompt_ids" | "bad_prompt_ids" |
-                       "not_json" | "hang" | "close" | "reset_mid_body"}}
+                       "bad_tool_arguments" | "not_json" | "hang" | "close" |
+                       "reset_mid_body"}}
+
+Like a model, it honours ``tool_choice`` (``"none"``, ``"required"``, a named
+function), ``stop`` (the text is cut before the first stop string, and
+``matched_stop`` names it) and ``chat_template_kwargs.enable_thinking`` (the
+reply then has ``reasoning_content``).
 
 Other routes: ``GET /v1/models``, ``POST /v1/completions``, ``/health``,
 ``GET /echo/stats``, ``POST /echo/reset``, ``GET /echo/requests`` (the last
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -265,16 +273,27 @@ class EchoBackend:
         tools = req.get("tools")
         rounds = control.get("tool_rounds", 1 if tools else 0)
         done = _tool_rounds_done(messages)
+        choice = req.get("tool_choice")
         want_tool = bool(control.get("tool_call")) or (
-            bool(tools) and isinstance(rounds, int) and done < rounds
+            bool(tools) and isinstance(rounds, int) and done < rounds and choice != "none"
         )
+        # tool_choice as a model honours it: "required" or a named function
+        # always calls one, "none" never does.
+        named = _named_function(choice)
+        if tools and (choice == "required" or named is not None):
+            want_tool = True
         last = _last_text(messages)
         message: dict[str, Any] = {"role": "assistant"}
+        matched = None
         if want_tool:
-            name = "echo_tool"
-            if tools and isinstance(tools[0], dict):
+            name = named or "echo_tool"
+            if named is None and tools and isinstance(tools[0], dict):
                 name = (tools[0].get("function") or {}).get("name") or name
-            arguments = orjson.dumps({"query": last[:32], "round": done}).decode()
+            # Written as models often write it (spaces after separators): a
+            # client that re-serialises the arguments sends other bytes.
+            arguments = json.dumps({"query": last[:32], "round": done})
+            if fault == "bad_tool_arguments":
+                arguments = "[1, 2]"  # JSON, but not an object
             message["content"] = ""
             message["tool_calls"] = [
                 {
@@ -288,7 +307,12 @@ class EchoBackend:
             text = control.get("text")
             message["content"] = text if isinstance(text, str) else "echo: " + last[:48]
             finish = "stop"
+            message["content"], matched = _stopped(message["content"], req.get("stop"))
         reasoning = control.get("reasoning")
+        kwargs = req.get("chat_template_kwargs")
+        if not isinstance(reasoning, str) and isinstance(kwargs, dict):
+            if kwargs.get("enable_thinking"):  # thinking asked for: the echo thinks aloud
+                reasoning = "thinking about: " + last[:32]
         if isinstance(reasoning, str):
             message["reasoning_content"] = reasoning
         input_ids = req.get("input_ids")
@@ -299,6 +323,19 @@ class EchoBackend:
                 input_ids = self.tokenized.prompt_ids(messages, tools)
         else:
             completion = completion_tokens(message)
+        max_tokens = req.get("max_tokens")
+        if control.get("truncate") and isinstance(max_tokens, int) and len(completion) > max_tokens:
+            # Cut at max_tokens, as a model that ran out of tokens (only when asked:
+            # demos and benchmarks send small max_tokens and expect whole answers).
+            completion = completion[:max_tokens]
+            message.pop("tool_calls", None)
+            if self.tokenized is not None:
+                tokenizer = self.tokenized.tito.tokenizer
+                message["content"] = tokenizer.decode(completion, skip_special_tokens=True)
+            else:
+                kept = bytes(t for t in completion if t < 256)
+                message["content"] = kept.decode("utf-8", "ignore")
+            finish = "length"
         if fault == "content_none":
             message["content"] = None
         prompt = list(input_ids) if isinstance(input_ids, list) else prompt_tokens(messages)
@@ -310,6 +347,8 @@ class EchoBackend:
             "logprobs": None,
             "finish_reason": finish,
         }
+        if matched is not None:
+            choice["matched_stop"] = matched  # as SGLang says which stop ended the text
         if req.get("return_prompt_token_ids") and fault != "no_prompt_ids":
             choice["prompt_token_ids"] = prompt
         if req.get("return_meta_info") and fault != "no_meta_info":
@@ -351,6 +390,25 @@ class EchoBackend:
                 "total_tokens": len(prompt) + len(completion),
             },
         }
+
+
+def _named_function(choice: Any) -> str | None:
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
+def _stopped(text: str, stop: Any) -> tuple[str, str | None]:
+    """``text`` cut before the first of the ``stop`` strings in it, and which one."""
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    cut, matched = len(text), None
+    for candidate in stops:
+        if isinstance(candidate, str) and candidate:
+            at = text.find(candidate)
+            if 0 <= at < cut:
+                cut, matched = at, candidate
+    return text[:cut], matched
 
 
 def _logprob(token: int) -> float:

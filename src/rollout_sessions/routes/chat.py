@@ -26,6 +26,11 @@ for one; with ``CANCEL_ON_DELETE`` (``controls.InFlight``) the DELETE
 cancels it, and the turn answers 404 unrecorded (the service's rules
 say the rest: what is answered is durable).
 
+``run_turn`` is steps 2-4 for a request already read and checked, so
+another protocol translated to a chat request (``routes/messages.py``,
+Anthropic Messages) is driven by the same turn; ``ChatRequest``'s three hooks
+(``align``, ``client_answer``, ``upstream_refused``) are where it differs.
+
 ``stream: true`` is served from the complete upstream answer (the backend
 is always called without streaming: the trajectory needs the whole answer
 and its token ids) as a short, valid SSE stream. Routing-replay
@@ -48,7 +53,7 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 from rollout_sessions.registry import NEVER_SEEN
 from rollout_sessions.routes.relay import client_headers, passthrough
 from rollout_sessions.sessions.service import CLOSING
-from rollout_sessions.trajectory.rules import plan_turn
+from rollout_sessions.trajectory.rules import Plan, plan_turn
 from rollout_sessions.trajectory.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
 from rollout_sessions.upstream.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.upstream.client import Answer
@@ -104,8 +109,11 @@ class ChatRequest:
 
     __slots__ = ("req", "messages", "message_bytes", "rest", "stream", "arrived")
 
-    def __init__(self, body: bytes, arrived: float, overrides: Overrides | None = None) -> None:
-        req = parse_json(body)
+    def __init__(
+        self, body: bytes | dict[str, Any], arrived: float, overrides: Overrides | None = None
+    ) -> None:
+        # A dict: a request another protocol was translated to (messages.py).
+        req = body if type(body) is dict else parse_json(body)
         _check_request(req)
         self.arrived = arrived
         self.stream = bool(req.pop("stream", False))
@@ -133,6 +141,20 @@ class ChatRequest:
         parts.append(b"}")
         return b"".join(parts)
 
+    # A protocol translated to a chat turn (messages.py) overrides these three;
+    # the chat route's own change nothing.
+
+    def align(self, traj: Trajectory | None) -> None:
+        """Under the session lock, before the turn is planned on ``traj``."""
+
+    def client_answer(self, parsed: ParsedAnswer) -> Response:
+        """What the client gets for a checked answer (before anything is recorded)."""
+        return _client_answer(self, parsed)
+
+    def upstream_refused(self, answer: Answer) -> Response:
+        """What the client gets for a non-200 upstream answer."""
+        return passthrough(answer)
+
 
 def _check_request(req: Any) -> None:
     if type(req) is not dict:
@@ -157,15 +179,30 @@ def _check_request(req: Any) -> None:
 async def chat_completions(state: AppState, session_id: str, request: Request) -> Response:
     """One chat turn; raises ``ApiError`` for every error answer."""
     arrived = time.time()
-    sessions = state.sessions
-    session = sessions.live_for_turn(session_id)
-
+    session = state.sessions.live_for_turn(session_id)
     settings = state.settings
     turn = ChatRequest(
         await read_body(request, settings.max_body_bytes, settings.header_timeout_s),
         arrived,
         state.overrides,
     )
+    return await run_turn(
+        state, session_id, session, turn, client_headers(request), query_string(request)
+    )
+
+
+async def run_turn(
+    state: AppState,
+    session_id: str,
+    session: Any,
+    turn: ChatRequest,
+    headers: list[tuple[str, str]],
+    query: str,
+) -> Response:
+    """Steps 2-4 for a checked request (``session`` from
+    ``Sessions.live_for_turn``); ``headers`` and ``query`` go upstream with it."""
+    sessions = state.sessions
+    settings = state.settings
     tito = state.tito
     first_ids = None
     if session is NEVER_SEEN:
@@ -173,37 +210,20 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
             first_ids = _first_turn_ids(tito, turn)
         session = sessions.auto_create(session_id)
 
-    async with session.lock:
-        if session.closing:
-            raise errors.session_not_found(session_id)
-        traj = session.traj
-        plan = plan_turn(traj, turn.messages, turn.message_bytes, settings.allowed_append_roles)
-        base = traj.checkpoint(plan.keep) if traj is not None and plan.keep else None
-        last_assistant = traj.message(traj.message_end(plan.keep - 1) - 1) if base else None
-
+    plan, base, last_assistant = await _planned(session, session_id, turn, settings)
     input_ids = None
     if tito is not None:
-        if base is None:
-            input_ids = first_ids if first_ids is not None else _first_turn_ids(tito, turn)
-        else:
-            input_ids = tito.next_turn(
-                base,
-                last_assistant,  # type: ignore[arg-type]
-                turn.messages[plan.tail_start :],
-                turn.req.get("tools"),
-                turn.req.get("chat_template_kwargs"),
-                plan.tail_start,
-            )
+        input_ids = _input_ids(tito, turn, plan, base, last_assistant, first_ids)
     inflight = sessions.inflight
     if inflight is None:
-        answer = await _ask_upstream(state, request, turn, input_ids, session_id)
+        answer = await _ask_upstream(state, turn, input_ids, headers, query, session_id)
     else:
         answer = await _ask_cancellable(
-            state, inflight, session, session_id, request, turn, input_ids
+            state, inflight, session, session_id, turn, input_ids, headers, query
         )
     if answer.status != 200:
         state.metrics.chat_turns.inc("upstream_status")
-        return passthrough(answer)
+        return turn.upstream_refused(answer)
     checked = _checked(state, turn, answer.body, input_ids)
     if base is not None and len(checked.prompt_ids) < len(base):
         # Tokens of the stored trajectory would be recorded as generated
@@ -241,6 +261,53 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
     return checked.client
 
 
+async def _planned(
+    session: Session, session_id: str, turn: ChatRequest, settings: Any
+) -> tuple[Plan, array | None, dict[str, Any] | None]:
+    """Step 2, under the lock: the plan, the checkpoint it builds on and the
+    stored assistant message that checkpoint ends with."""
+    async with session.lock:
+        if session.closing:
+            raise errors.session_not_found(session_id)
+        traj = session.traj
+        turn.align(traj)
+        plan = plan_turn(traj, turn.messages, turn.message_bytes, settings.allowed_append_roles)
+        base = traj.checkpoint(plan.keep) if traj is not None and plan.keep else None
+        last_assistant = traj.message(traj.message_end(plan.keep - 1) - 1) if base else None
+    return plan, base, last_assistant
+
+
+def _input_ids(
+    tito: Tito,
+    turn: ChatRequest,
+    plan: Plan,
+    base: array | None,
+    last_assistant: dict[str, Any] | None,
+    first_ids: array | None,
+) -> array:
+    if base is None:
+        return first_ids if first_ids is not None else _first_turn_ids(tito, turn)
+    return tito.next_turn(
+        base,
+        last_assistant,  # type: ignore[arg-type]
+        turn.messages[plan.tail_start :],
+        turn.req.get("tools"),
+        turn.req.get("chat_template_kwargs"),
+        plan.tail_start,
+    )
+
+
+async def prompt_ids(state: AppState, session_id: str, session: Any, turn: ChatRequest) -> array:
+    """The ``input_ids`` this turn would send (TITO on), changing nothing:
+    ``session`` from ``Sessions.live_for_turn``; 400 where the turn would be refused."""
+    tito = state.tito
+    assert tito is not None
+    if session is NEVER_SEEN or session.traj is None:
+        return _first_turn_ids(tito, turn)
+    plan, base, last_assistant = await _planned(session, session_id, turn, state.settings)
+    return _input_ids(tito, turn, plan, base, last_assistant, None)
+
+
 def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
     return tito.first_turn(
         turn.messages, turn.req.get("tools"), turn.req.get("chat_template_kwargs")
@@ -249,18 +316,14 @@ def _first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
 
 async def _ask_upstream(
     state: AppState,
-    request: Request,
     turn: ChatRequest,
     input_ids: array | None,
+    headers: list[tuple[str, str]],
+    query: str,
     session_id: str,
 ) -> Answer:
     try:
-        return await state.upstream.chat(
-            turn.upstream_body(input_ids),
-            client_headers(request),
-            query_string(request),
-            session_id,
-        )
+        return await state.upstream.chat(turn.upstream_body(input_ids), headers, query, session_id)
     except ApiError as exc:
         state.metrics.upstream_errors.inc("timeout" if exc.status == 504 else "transport")
         raise
@@ -271,9 +334,10 @@ async def _ask_cancellable(
     inflight: InFlight,
     session: Session,
     session_id: str,
-    request: Request,
     turn: ChatRequest,
     input_ids: array | None,
+    headers: list[tuple[str, str]],
+    query: str,
 ) -> Answer:
     """Step 3 with ``CANCEL_ON_DELETE``: a DELETE of the session meanwhile
     cancels the call (its connection is closed, the backend aborts) and the
@@ -282,7 +346,7 @@ async def _ask_cancellable(
         raise errors.session_not_found(session_id)
     task = inflight.enter(session)
     try:
-        answer = await _ask_upstream(state, request, turn, input_ids, session_id)
+        answer = await _ask_upstream(state, turn, input_ids, headers, query, session_id)
     except BaseException:
         if inflight.leave(session, task) or task.uncancel() > 0:
             raise  # not a DELETE's cancel (or also another one, e.g. shutdown)
@@ -334,7 +398,7 @@ def _checked(
         try:
             answer, cut = cut_prompt_ids(raw, parsed.prompt_ids, lambda: parsed.response)
             assistant = orjson.dumps(parsed.message)
-            client = _client_answer(turn, parsed)
+            client = turn.client_answer(parsed)
         except orjson.JSONEncodeError as exc:
             raise errors.upstream_malformed(f"the answer cannot be written again ({exc})") from None
     except ApiError:

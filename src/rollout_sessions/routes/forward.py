@@ -4,14 +4,16 @@ The request goes out unchanged (method, query, body, end-to-end headers)
 and the answer comes back unchanged, streamed when it is long or has no
 declared length. The sub-path is checked as sent and after every round of
 percent-decoding, so it can never leave the upstream base. A sub-path that
-decodes to the chat route is the chat route (``routing.chat_subpath``): the
-generic proxy never carries a chat turn.
+decodes to the chat route is the chat route (``is_chat_subpath``), and one
+that decodes to another turn route (``TurnRoute``: the Anthropic Messages
+routes) is that route: the generic proxy never carries a turn.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -24,6 +26,7 @@ from rollout_sessions.upstream.client import HOP_BY_HOP, Answer
 from rollout_sessions.web import errors
 from rollout_sessions.web.endpoints import (
     endpoint,
+    error_response,
     head_answer,
     query_string,
     read_body,
@@ -138,38 +141,102 @@ def is_chat_subpath(raw: str) -> bool:
     """Whether a sub-path is the chat route in a form a backend may read as it:
     as sent or after any round of percent-decoding, with a trailing slash,
     ``;parameters`` on a segment, or a ``?``/``#`` that decoding revealed."""
-    return any(_names_chat(current) for current in decodings(raw))
+    return named_subpath(raw, (CHAT_SUBPATH,)) is not None
 
 
-def _names_chat(path: str) -> bool:
-    path = _QUERY_OR_FRAGMENT.split(path, maxsplit=1)[0]
-    segments = [segment.split(";", 1)[0] for segment in path.split("/")]
-    return "/".join(segments).rstrip("/") == CHAT_SUBPATH
+def named_subpath(raw: str, subpaths: tuple[str, ...]) -> str | None:
+    """Which of ``subpaths`` a sub-path names, in any of the forms ``is_chat_subpath``
+    accepts (``None``: none of them)."""
+    for current in decodings(raw):
+        path = _QUERY_OR_FRAGMENT.split(current, maxsplit=1)[0]
+        segments = [segment.split(";", 1)[0] for segment in path.split("/")]
+        named = "/".join(segments).rstrip("/")
+        if named in subpaths:
+            return named
+    return None
 
 
 PROXY_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
+TurnHandler = Callable[["AppState", str, Request], Awaitable[Response]]
 
 
-def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
-    """The generic proxy, ``* /sessions/{id}/{path}`` (a sub-path naming the chat
-    route in any encoding is the chat turn)."""
+@dataclass(frozen=True)
+class TurnRoute:
+    """Another ``POST`` route under a session that is a turn, not a forward.
+
+    ``handler`` checks the method itself (it is also reached, for any method,
+    through the generic route by an encoded path); its ``ApiError``s, and the
+    guard's, are answered by ``render_error``. The rest documents it.
+    """
+
+    handler: TurnHandler
+    render_error: Callable[[ApiError], Response]
+    summary: str
+    description: str
+    tags: list[str]
+    responses: dict[int, str] = field(default_factory=dict)
+
+
+def add_routes(
+    app: Application,
+    docs: OpenAPIHandler,
+    state: AppState,
+    turns: Mapping[str, TurnRoute] | None = None,
+) -> None:
+    """``POST /sessions/{id}/{sub-path}`` for each of ``turns``, and the generic
+    proxy, ``* /sessions/{id}/{path}`` (a sub-path naming the chat route or one
+    of ``turns`` in any encoding is that route, never forwarded)."""
+    turns = dict(turns or {})
+    named = (CHAT_SUBPATH, *turns)
 
     async def proxy_route(request: Request) -> Response:
         sid = request.route_values["id"]
         state.sessions.check_id(sid)
         raw = raw_subpath(request)
-        if is_chat_subpath(raw):  # e.g. v1/chat/%63ompletions: still the chat route
+        sub = named_subpath(raw, named)
+        if sub == CHAT_SUBPATH:  # e.g. v1/chat/%63ompletions: still the chat route
             if request.method != "POST":
                 raise errors.method_not_allowed(
                     request.method, "/sessions/{id}" + CHAT_PATH, "POST"
                 )
             return await chat_completions(state, sid, request)
+        if sub is not None:
+            return await turns[sub].handler(state, sid, request)
         return await forward(state, raw, request, sid)
+
+    def proxy_error(err: ApiError, request: Request) -> Response:
+        """An encoded turn path's errors (the guard's too) in that route's shape."""
+        sub = named_subpath(raw_subpath(request), tuple(turns)) if turns else None
+        return turns[sub].render_error(err) if sub is not None else error_response(err)
+
+    for sub, turn in turns.items():
+        template = "/sessions/{id}/" + sub
+        handler = turn.handler
+
+        async def turn_route(request: Request, handler: TurnHandler = handler) -> Response:
+            return await handler(state, request.route_values["id"], request)
+
+        ep = document(
+            docs,
+            endpoint(
+                state,
+                "POST",
+                template,
+                turn_route,
+                on_error=lambda err, request, turn=turn: turn.render_error(err),
+            ),
+            summary=turn.summary,
+            description=turn.description,
+            tags=turn.tags,
+            parameters=ID_PARAM,
+            responses=turn.responses,
+        )
+        app.router.add_post(template, ep)
 
     for method in PROXY_METHODS:
         ep = document(
             docs,
-            endpoint(state, method, "/sessions/{id}/{path}", proxy_route),
+            endpoint(state, method, "/sessions/{id}/{path}", proxy_route, on_error=proxy_error),
             summary="Forward to the upstream",
             description="Forwarded to `{upstream}/{path}`; no session state is touched.",
             tags=["proxy"],

@@ -69,6 +69,7 @@ class ParsedAnswer:
         "completion_ids",
         "logprobs",
         "replay",
+        "finish",
         "_response",
     )
 
@@ -81,6 +82,7 @@ class ParsedAnswer:
         logprobs: array,  # float32, one per completion id
         replay: bool,  # a choice's meta_info holds a REPLAY_KEYS payload
         response: dict[str, Any] | None = None,
+        finish: tuple[Any, Any] = (None, None),
     ) -> None:
         self.raw = raw
         self.message = message
@@ -88,6 +90,9 @@ class ParsedAnswer:
         self.completion_ids = completion_ids
         self.logprobs = logprobs
         self.replay = replay
+        # choices[0]'s finish_reason and the stop it matched (SGLang's
+        # matched_stop, vLLM's stop_reason), as sent: read, never validated.
+        self.finish = finish
         self._response = response
 
     @property
@@ -241,7 +246,20 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     message = _message(message)  # the defects in _parse_full's order
     pairs = read_pairs(entries.mini, count, MAX_TOKEN_ID) if count == len(entries) else None
     completion, logprobs = pairs or _completion(entries.as_list(), count)
-    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay)
+    finish = _finish(choice)
+    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, finish=finish)
+
+
+def _finish(choice: Any) -> tuple[Any, Any]:
+    """Scalars only (a simdjson object or array would outlive its document)."""
+    reason = choice.get("finish_reason")
+    matched = choice.get("matched_stop")
+    if matched is None:
+        matched = choice.get("stop_reason")
+    return (
+        reason if type(reason) is str else None,
+        matched if type(matched) in (str, int) else None,
+    )
 
 
 def _replay_in(choices: Any) -> bool | None:
@@ -305,7 +323,9 @@ def _parse_full(raw: bytes) -> ParsedAnswer:
         and any(key in other["meta_info"] for key in REPLAY_KEYS)
         for other in choices
     )
-    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, response)
+    return ParsedAnswer(
+        raw, message, prompt_ids, completion, logprobs, replay, response, _finish(choice)
+    )
 
 
 def _may_hold_booleans(raw: bytes) -> bool:

@@ -17,8 +17,8 @@ Every upstream call, chat turn or forwarded request, goes through
 - a call whose task is cancelled (a DELETE of its session) closes its
   connection: it never goes back to the pool half-read;
 - ``UPSTREAM_API_KEY`` is sent as ``Authorization: Bearer <key>``; the
-  client's own ``Authorization`` is forwarded only when the server has no
-  ``API_KEY`` of its own (the server's key never leaves it).
+  client's own ``Authorization`` (or ``x-api-key``) is forwarded only when the
+  server has no ``API_KEY`` of its own (the server's key never leaves it).
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ HOP_BY_HOP = frozenset(
 
 # A chat turn sends its own JSON body and wants an answer it can parse.
 _CHAT_DROP = HOP_BY_HOP | {"content-type", "content-encoding", "accept-encoding", "accept"}
+
+# The client's credentials (a bearer, or an Anthropic client's key): forwarded
+# only when the server has no API_KEY of its own.
+_CLIENT_AUTH = frozenset({"authorization", "x-api-key"})
 
 # Thousands of turns may be in flight at once; the OS file limit is the real bound.
 POOL_LIMIT = 16384
@@ -139,7 +143,7 @@ class Upstream:
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in client_headers:
             key = name.lower()
-            if key in drop or (key == "authorization" and not self.forward_client_auth):
+            if key in drop or (key in _CLIENT_AUTH and not self.forward_client_auth):
                 continue
             out.add(name, value)
         if self._auth is not None:

@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` opens the sessions (``Sessions.open``: the journal,
 and the registry restored from it), and wires the metrics, the routes
-(``sessions_api``, ``chat`` through ``forwarding``, service routes here), the
+(``routes``: sessions, samples, chat, the Anthropic messages, the generic
+forward; service routes here), the
 request guards and the start-up and shutdown work: the upstream client, the
 embedded echo backend when no upstream is configured, and idle-TTL
 housekeeping. Nothing starts until the server runs the app's lifespan.
@@ -25,7 +26,7 @@ from rollout_sessions.config import Settings, load_settings
 from rollout_sessions.echo.backend import EchoBackend, start_echo_backend
 from rollout_sessions.echo.tokenized import TokenizedTemplate
 from rollout_sessions.metrics import Metrics
-from rollout_sessions.routes import chat, forward
+from rollout_sessions.routes import chat, forward, messages
 from rollout_sessions.routes import samples as export
 from rollout_sessions.routes import sessions as sessions_api
 from rollout_sessions.sessions.service import Sessions
@@ -91,7 +92,7 @@ def create_app(settings: Settings, echo_port: int | None = None) -> Application:
     sessions_api.add_routes(app, docs, state)
     export.add_routes(app, docs, state)
     chat.add_routes(app, docs, state)
-    forward.add_routes(app, docs, state)
+    forward.add_routes(app, docs, state, turns=messages.turn_routes())
     _add_service_routes(app, docs, state)
     _add_error_handlers(app, state)
     _add_lifecycle(app, state, echo_port)

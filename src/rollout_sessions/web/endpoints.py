@@ -42,7 +42,8 @@ class Guard:
       coded in a way the server does not decode;
     - with ``API_KEY`` set, every route but the public ones (``/health``)
       needs ``Authorization: Bearer <key>`` (the scheme in any case, RFC 9110,
-      11.1), the key compared in constant time; else 401.
+      11.1) or ``x-api-key: <key>`` (as Anthropic clients send it), the key
+      compared in constant time; else 401.
     """
 
     __slots__ = ("_expected",)
@@ -64,7 +65,9 @@ class Guard:
             scheme, _, key = (request.get_first_header(b"authorization") or b"").partition(b" ")
             key = key.lstrip(b" ")
             if not (hmac.compare_digest(key, expected) and scheme.lower() == b"bearer"):
-                return errors.unauthorized()
+                other = request.get_first_header(b"x-api-key")
+                if other is None or not hmac.compare_digest(other, expected):
+                    return errors.unauthorized()
         return None
 
     def wrap(self, handler: Handler) -> Handler:
@@ -126,10 +129,16 @@ class Served(Protocol):
 
 
 def endpoint(
-    state: Served, method: str, template: str, handler: Handler, public: bool = False
+    state: Served,
+    method: str,
+    template: str,
+    handler: Handler,
+    public: bool = False,
+    on_error: Callable[[ApiError, Request], Response] | None = None,
 ) -> Handler:
-    """``handler`` as a route: guarded (``Guard``), ``ApiError`` answered as JSON,
-    latency kept in a histogram.
+    """``handler`` as a route: guarded (``Guard``), ``ApiError`` answered as JSON
+    (``error_response``, or ``on_error(err, request)`` for a route with its own
+    error shape), latency kept in a histogram.
 
     Every handler takes only ``request`` and is annotated ``-> Response``, so
     BlackSheep calls it directly (no binders, no output wrapper).
@@ -138,6 +147,7 @@ def endpoint(
     refuse = state.guard.refuse
     observe = metrics.route(method, template).observe
     count_error = metrics.responses.inc
+    render_error = on_error or (lambda err, request: error_response(err))
 
     async def route(request: Request) -> Response:
         start = perf_counter()
@@ -148,7 +158,7 @@ def endpoint(
             return await handler(request)
         except ApiError as err:
             count_error(str(err.status))
-            return error_response(err)
+            return render_error(err, request)
         finally:
             observe(perf_counter() - start)
 

@@ -1,4 +1,4 @@
-"""Route shapes: ``/sessions/{id}`` matched by shape, and the chat sub-path.
+"""Route shapes: ``/sessions/{id}`` matched by shape, and the turn sub-paths.
 
 BlackSheep's stock router tries a method's routes in turn, each a regex,
 behind an LRU cache keyed by path. Session ids are all different, so every
@@ -24,6 +24,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 # The chat route below a session, and the same path as an upstream sub-path.
 CHAT_SUBPATH = "v1/chat/completions"
 CHAT_PATH = "/" + CHAT_SUBPATH
+# The Anthropic Messages routes below a session (messages.py): turns too,
+# never forwarded as they are.
+MESSAGES_SUBPATH = "v1/messages"
+COUNT_TOKENS_SUBPATH = "v1/messages/count_tokens"
 SESSION_PREFIX = b"/sessions/"
 FALLBACK_PATTERN = b"*"  # the pattern of BlackSheep's fallback route
 
