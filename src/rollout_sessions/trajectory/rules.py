@@ -1,9 +1,10 @@
 """The linear trajectory rules of a session, as pure functions over its store.
 
-The store (``store.Trajectory``) keeps the messages of the last recorded turn
-(request messages plus the assistant answer), one token checkpoint per
-recorded turn (``prompt_token_ids + completion ids`` of that turn) and one
-record per turn: ``num_assistant`` turns.
+The store (``trajectory.store.Trajectory``) keeps the messages of the last
+recorded turn (request messages plus the assistant answer), and per turn
+where its checkpoint (``prompt_token_ids + completion ids`` of that turn)
+ends in the one token buffer they share, and its record: ``num_assistant``
+turns.
 
 A new request is accepted when its messages
 
