@@ -19,7 +19,7 @@ import orjson
 from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
-from rollout_sessions import errors
+from rollout_sessions import errors, tito_check
 from rollout_sessions.errors import ApiError
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN
@@ -113,13 +113,15 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     async def get_session(request: Request) -> Response:
         sid = request.route_values["id"]
         session = id_checked(lookup, sid)
+        check = tito_check.requested(state.tito, request)
         if session is NEVER_SEEN:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
         traj, answers = await read_trajectory(state, sid, session)
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
-        tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens)
+        extra = await tito_check.metadata_entry(state.tito, traj) if check else None  # type: ignore[arg-type]
+        tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens, extra)
         if traj is None or traj.num_turns == 0:
             return raw_json_response(head + tail)
 

@@ -18,17 +18,22 @@ operator should know, and where:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from array import array
 from difflib import SequenceMatcher
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
 
 from rollout_sessions.errors import ApiError
+from rollout_sessions.web import query_string
 
 if TYPE_CHECKING:
+    from blacksheep import Request
+
     from rollout_sessions.store import Trajectory
     from rollout_sessions.tito import Tito
 
@@ -188,6 +193,34 @@ def _excerpt(text: str, at: int, before: int = 30, after: int = 50) -> str:
 
 
 # -- GET /sessions/{id}?tito_check=1 ---------------------------------------------------
+
+_YES = ("1", "true", "on", "yes")
+_NO = ("0", "false", "off", "no", "")
+
+
+def requested(tito: Tito | None, request: Request) -> bool:
+    """Whether the GET asks for ``tito_check``; 400 for a bad value or with TITO off."""
+    query = query_string(request)
+    if "tito_check" not in query:
+        return False
+    values = parse_qs(query, keep_blank_values=True).get("tito_check")
+    if not values:
+        return False
+    value = values[-1].strip().lower()
+    if value not in _YES + _NO:
+        raise ApiError(400, f"tito_check must be 1 or 0, got {values[-1]!r}")
+    if value in _NO:
+        return False
+    if tito is None:
+        raise ApiError(400, "tito_check needs token-in, token-out (set TOKENIZER)")
+    return True
+
+
+async def metadata_entry(tito: Tito, traj: Trajectory | None) -> dict[str, Any]:
+    """``{"tito_mismatch": [...]}`` for a session's metadata, computed off the
+    event loop (a render, an encode and a diff of the whole trajectory)."""
+    return {"tito_mismatch": await asyncio.to_thread(mismatches, tito, traj)}
+
 
 MAX_REGIONS = 20
 CONTEXT_TOKENS = 8
