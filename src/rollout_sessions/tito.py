@@ -533,7 +533,7 @@ def _refine(family: str, tokenizer: Any, template: str) -> str | None:
         # K2.6's template has the preserve_thinking switch K2.5's lacks.
         return "kimi26" if "preserve_thinking" in template else "kimi25"
     if family == "minimax":
-        return "minimax_m27" if "M2.7" in template else "minimax_m25"
+        return "minimax_m27" if "MiniMax-M2.7" in template else "minimax_m25"
     if family == "deepseek":
         if template:
             return None  # V3/V3.1 ship a jinja template; V3.2 and V4 an encoder
