@@ -201,6 +201,7 @@ class Tito:
         self._encode_fast = self._backend.encode_batch_fast if self._backend else None
         self._special = {token: self._single_id(token) for token in rule.tokens}
         self._boundary = self._bind_boundary()
+        self._fast_render = None if self.encoder is not None else self._compile_fast()
 
     @classmethod
     def load(
@@ -286,6 +287,17 @@ class Tito:
             return complete
         return lambda ids: self.rule.apply(ids, special)
 
+    def _compile_fast(self) -> Any:
+        """The template compiled once, checked against ``apply_chat_template`` (``tito_jinja``)."""
+        from rollout_sessions.tito_check import REPORT_CONVERSATION, REPORT_TOOLS
+        from rollout_sessions.tito_jinja import compile_fast
+
+        probe = list(REPORT_CONVERSATION)
+        probe[2] = {**probe[2], "content": None}  # transformers drops None-valued keys
+        if self.rule.object_arguments:
+            probe = _with_object_arguments(probe)
+        return compile_fast(self.tokenizer, probe, REPORT_TOOLS)
+
     def apply_boundary(self, ids: array) -> array:
         """The checkpoint ``ids`` as the next turn's appended ids continue it."""
         return self._boundary(ids)
@@ -309,6 +321,8 @@ class Tito:
         try:
             if self.encoder is not None:
                 return self.encoder.render(messages, tools, generation_prompt, kwargs)
+            if self._fast_render is not None:
+                return self._fast_render(messages, tools, generation_prompt, kwargs)
             return self.tokenizer.apply_chat_template(
                 messages,
                 tools=tools or None,

@@ -450,3 +450,75 @@ def test_diff_finds_each_differing_region_with_its_text(kit) -> None:
     # A longer stored sequence: the extra tail is a region too.
     (tail,) = diff(tito, fresh + tito.encode("extra"), fresh)
     assert tail["position"] == len(fresh) and tail["rendered_count"] == 0
+
+
+def test_tito_model_defaults_to_auto_and_names_every_family() -> None:
+    from rollout_sessions.config import SettingsError, load_settings
+
+    assert load_settings(environ={}).tito_model == "auto"
+    for name in ("kimi25", "kimi26", "minimax_m25", "minimax_m27", "deepseekv32", "inkling"):
+        settings = load_settings(environ={"ROLLOUT_SESSIONS_TITO_MODEL": name.upper()})
+        assert settings.tito_model == name
+    with pytest.raises(SettingsError, match="must be one of auto, default, qwen3") as err:
+        load_settings(environ={"ROLLOUT_SESSIONS_TITO_MODEL": "llama"})
+    assert "TITO_MODEL" in str(err.value)
+
+
+# -- the compiled template equals transformers' render ----------------------------------------
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.startswith("deepseek")])
+@pytest.mark.parametrize("template", ["stock", "append_only"])
+def test_the_compiled_template_renders_as_apply_chat_template(kit, family, template) -> None:
+    tito = load(kit, family, template)
+    assert tito._fast_render is not None
+    messages, _, _, _ = converse(tito, drift=True)
+    variants = [
+        messages,
+        [*messages[:2], {"role": "assistant", "content": None, "reasoning": "old name"}],
+        [*messages[:2], {"role": "assistant", "content": "x", "thinking": "other name"}],
+    ]
+    for conversation in variants:
+        for k in range(1, len(conversation) + 1):
+            for tools in (TOOLS, None, []):
+                for generation_prompt in (False, True):
+                    for kwargs in ({}, {"enable_thinking": False, "preserve_thinking": True}):
+                        prepared = conversation[:k]
+                        if tito.rule.object_arguments:
+                            from rollout_sessions.tito import _with_object_arguments
+
+                            prepared = _with_object_arguments(prepared)
+                        expected = tito.tokenizer.apply_chat_template(
+                            prepared,
+                            tools=tools or None,
+                            add_generation_prompt=generation_prompt,
+                            tokenize=False,
+                            **kwargs,
+                        )
+                        got = tito.render(conversation[:k], tools, generation_prompt, kwargs)
+                        assert got == expected, (k, tools, generation_prompt, kwargs)
+
+
+def test_generation_tags_and_fallback_to_apply_chat_template(kit, tmp_path: Path) -> None:
+    tagged = tmp_path / "tagged.jinja"
+    tagged.write_text(
+        "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' %}{% generation %}"
+        "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    tito = Tito.load(str(kit["qwen3", "append_only"]), "qwen3", str(tagged))
+    assert tito._fast_render is not None
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert tito.render(messages, None, True, {}) == "<user>a<assistant>b<assistant>"
+    # A template whose render needs transformers' own environment (its namespace refuses
+    # underscore names; jinja's does not): the probe differs, apply_chat_template renders.
+    strict = tmp_path / "strict.jinja"
+    strict.write_text(
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{{ dict.__name__ if dict.__name__ is defined else 'sandboxed' }}"
+    )
+    tito = Tito.load(str(kit["qwen3", "append_only"]), "qwen3", str(strict))
+    assert tito._fast_render is None
+    assert tito.render(messages, None, False, {}) == tito.tokenizer.apply_chat_template(
+        messages, tokenize=False
+    )
