@@ -14,17 +14,26 @@ generated are never re-tokenized:
   and the render without them is cut off as text; the generation prompt
   comes once, at the end.
 
-Boundary rules (``TITO_MODEL``), for where the checkpoint meets the appended ids:
+Boundary rules (``TITO_MODEL``, one per model family; docs/tito.md has the table),
+for where the checkpoint meets the appended ids:
 
 - ``default``: plain concatenation (the stop token is exactly how the
   template closes a turn);
-- ``qwen3``: a final ``<|im_end|>`` is followed by the newline the template
-  writes after it (the model stops at ``<|im_end|>``). Right for Qwen3,
-  Qwen3.5, Qwen3-Next and Nemotron-3 (``qwen35``, ``qwennext``, ``nemotron3``
-  are accepted as names of the same rule);
-- ``glm47``: a final ``<|observation|>`` or ``<|user|>`` is dropped: GLM's
-  stop token is also the opener the template renders for the next message.
-  Right for GLM-4.5 to GLM-4.7 and GLM-5 (``glm45``, ``glm5``).
+- a ``closer`` (the stop token, then what the template writes after it): a
+  checkpoint that ends with the stop token gets the rest. ``qwen3``
+  (``qwennext``), ``qwen35``, ``nemotron3``: ``<|im_end|>`` then a newline;
+  ``minimax_m25``, ``minimax_m27``: ``[e~[`` then a newline; ``kimi25``,
+  ``kimi26`` (``<|im_end|>``), ``deepseekv32``, ``deepseekv4``
+  (``<｜end▁of▁sentence｜>``), ``inkling`` (``<|content_model_end_sampling|>``):
+  nothing follows, so they concatenate;
+- ``openers``: ``glm47`` (``glm45``, ``glm5``) drops a final
+  ``<|observation|>`` or ``<|user|>``: GLM's stop token is also the opener the
+  template renders for the next message.
+
+``auto`` picks the family from the tokenizer (``detect``) and logs why.
+DeepSeek-V3.2 and V4 ship no jinja template: ``tito_encoders`` renders them.
+A jinja template is compiled once and called directly (``tito_jinja``), checked
+against ``apply_chat_template`` at load.
 
 The tokenizer is loaded once with ``transformers.AutoTokenizer``;
 ``CHAT_TEMPLATE`` (a jinja file) replaces its template and
