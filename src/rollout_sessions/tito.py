@@ -367,8 +367,11 @@ class Tito:
         kwargs = self.template_kwargs if kwargs is None else kwargs
         prompt = self.render(messages, tools, True, kwargs)
         full = self.render([*messages, reply], tools, False, kwargs)
-        body = full[len(prompt) :] if full.startswith(prompt) else str(reply.get("content") or "")
         rule = self.rule
+        if full.startswith(prompt):
+            body = full[len(prompt) :]
+        else:  # the template renders this reply otherwise than its generation prompt opens it
+            body = str(reply.get("content") or "") + "".join(rule.closer)
         if rule.openers:
             return body + (rule.openers[0] if reply.get("tool_calls") else rule.openers[-1])
         after = "".join(rule.closer[1:])
