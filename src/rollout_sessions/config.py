@@ -44,7 +44,7 @@ class Settings:
     tokenizer: str | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    tito_model: str = "default"
+    tito_model: str = "auto"
     data_dir: str = "./rollout-sessions-data"
     journal: bool = True
     journal_sync: str = "normal"
@@ -172,11 +172,11 @@ def _routing_header(raw: str) -> str | None:
 
 
 def _tito_model(raw: str) -> str:
-    from rollout_sessions.tito import RULES
+    from rollout_sessions.tito import AUTO, RULES
 
     value = raw.strip().lower()
-    if value not in RULES:
-        raise ValueError(f"must be one of {', '.join(RULES)}, got {raw!r}")
+    if value != AUTO and value not in RULES:
+        raise ValueError(f"must be one of {AUTO}, {', '.join(RULES)}, got {raw!r}")
     return value
 
 
@@ -339,9 +339,12 @@ SPECS: tuple[_Spec, ...] = (
         "tito_model",
         _tito_model,
         "RULE",
-        "where a stored checkpoint meets the appended tokens: default (concatenate), qwen3 "
-        "(newline after a final <|im_end|>; Qwen3, Qwen3.5, Qwen3-Next, Nemotron-3), glm47 "
-        "(drop a final <|observation|> or <|user|>; GLM-4.5 to GLM-5)",
+        "the model family, for where a stored checkpoint meets the appended tokens: auto "
+        "(default: chosen from the tokenizer's name, special tokens or template, and logged), "
+        "default (concatenate), qwen3, qwen35, qwennext, nemotron3 (newline after a final "
+        "<|im_end|>), glm47, glm45, glm5 (drop a final <|observation|> or <|user|>), kimi25, "
+        "kimi26, minimax_m25, minimax_m27 (newline after a final [e~[), deepseekv32, "
+        "deepseekv4 (the template is an encoder written as code), inkling",
     ),
     _Spec(
         "data_dir",

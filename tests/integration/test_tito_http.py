@@ -3,6 +3,7 @@ honours ``input_ids`` and makes real ids with the same offline tokenizer."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,9 +214,25 @@ def test_glm47_drops_the_stop_token_that_opens_the_next_message(tokenizer_dirs) 
             # The next prompt keeps the checkpoint but its last token, then
             # renders <|observation|> again as the tool result's opener.
             assert later["request"]["input_ids"][: len(checkpoint)] == checkpoint
+        # GLM's template iterates tool-call arguments as an object: they are parsed
+        # first, as SGLang does.
+        as_objects = [
+            {
+                **m,
+                "tool_calls": [
+                    {**c, "function": {**c["function"], "arguments": json.loads(a)}}
+                    for c in m["tool_calls"]
+                    for a in [c["function"]["arguments"]]
+                ],
+            }
+            if m.get("tool_calls")
+            else m
+            for m in messages[:6]
+        ]
         rendered = tokenizer.apply_chat_template(
-            messages[:6], tools=TOOLS, add_generation_prompt=True, tokenize=False
+            as_objects, tools=TOOLS, add_generation_prompt=True, tokenize=False
         )
+        assert "<arg_key>query</arg_key>" in rendered
         assert tokenizer.decode(records[-1]["request"]["input_ids"]) == rendered
     finally:
         srv.cleanup()

@@ -18,6 +18,7 @@ Control fields for tests and demos ride in the request body under ``"echo"``
               "tool_rounds": 2,         # tool calls before a text answer (needs "tools")
               "truncate": true,         # honour max_tokens: cut the completion, finish "length"
               "drift": true,            # with a tokenizer: a non-canonical tokenization
+              "trailing": true,         # with a tokenizer: also the text after the stop token
               "reasoning": "...",       # reasoning_content of the reply
               "replay": true,           # meta_info.routed_experts and indexer_topk
               "logprobs_content": true, # also OpenAI-style choices[0].logprobs.content
@@ -318,7 +319,8 @@ class EchoBackend:
         input_ids = req.get("input_ids")
         if self.tokenized is not None:
             drift = bool(control.get("drift"))
-            completion = self.tokenized.completion_ids(messages, message, tools, drift)
+            trailing = bool(control.get("trailing"))
+            completion = self.tokenized.completion_ids(messages, message, tools, drift, trailing)
             if not isinstance(input_ids, list):
                 input_ids = self.tokenized.prompt_ids(messages, tools)
         else:

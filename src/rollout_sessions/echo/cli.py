@@ -35,7 +35,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tito-model",
         default="default",
-        help="the family's stop-token behaviour: default, qwen3, glm47 (default: default)",
+        help="the family's stop-token behaviour: a TITO_MODEL name such as qwen3, glm47, "
+        "kimi25, minimax_m25, deepseekv32, inkling, or auto (default: default)",
     )
     parser.add_argument("--chat-template", help="a jinja file replacing the tokenizer's template")
     return parser.parse_args(argv)

@@ -4,8 +4,9 @@
   chat template over its messages (and tools) with the generation prompt,
   tokenized, as an inference server does;
 - the completion is what the template renders for the echo's reply (reply
-  text, tool calls), ending with the family's stop token: ``<|im_end|>``
-  for ``qwen3`` (the newline the template writes after it is not generated),
+  text, tool calls), ending with the family's stop token (``Tito.completion_text``):
+  ``<|im_end|>`` for ``qwen3`` (the newline the template writes after it is
+  not generated; ``"echo": {"trailing": true}`` generates it too),
   ``<|observation|>`` after a tool call and ``<|user|>`` otherwise for
   ``glm47``, the template's own turn closer for ``default``;
 - on command (``"echo": {"drift": true}``) the completion is tokenized
@@ -40,8 +41,9 @@ class TokenizedTemplate:
         reply: dict[str, Any],
         tools: list[Any] | None,
         drift: bool = False,
+        trailing: bool = False,
     ) -> list[int]:
-        text = self.completion_text(messages, reply, tools)
+        text = self.completion_text(messages, reply, tools, trailing)
         if not drift:
             return self.tito.encode(text).tolist()
         ids: list[int] = []
@@ -54,18 +56,13 @@ class TokenizedTemplate:
         return ids
 
     def completion_text(
-        self, messages: list[dict[str, Any]], reply: dict[str, Any], tools: list[Any] | None
+        self,
+        messages: list[dict[str, Any]],
+        reply: dict[str, Any],
+        tools: list[Any] | None,
+        trailing: bool = False,
     ) -> str:
         """What the model generates: the template's rendering of ``reply`` after
-        the generation prompt, up to and including the stop token."""
-        tito = self.tito
-        kwargs = tito.template_kwargs
-        prompt = tito.render(messages, tools, True, kwargs)
-        full = tito.render([*messages, reply], tools, False, kwargs)
-        body = full[len(prompt) :] if full.startswith(prompt) else reply.get("content") or ""
-        rule = tito.rule.name
-        if rule == "qwen3":
-            return body.removesuffix("\n")
-        if rule == "glm47":
-            return body + ("<|observation|>" if reply.get("tool_calls") else "<|user|>")
-        return body
+        the generation prompt, up to and including the stop token (``trailing``:
+        and the text the template writes after it)."""
+        return self.tito.completion_text(messages, reply, tools, trailing=trailing)

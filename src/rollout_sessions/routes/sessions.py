@@ -23,6 +23,7 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions.registry import DELETED, NEVER_SEEN
 from rollout_sessions.sessions.session import empty_snapshot, metadata
+from rollout_sessions.tito import check as tito_check
 from rollout_sessions.web import errors
 from rollout_sessions.web.endpoints import (
     JSON_TYPE,
@@ -60,13 +61,15 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     async def get_session(request: Request) -> Response:
         sid = request.route_values["id"]
         session = sessions.lookup(sid)
+        check = tito_check.requested(state.tito, request)
         if session is NEVER_SEEN:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
         traj, answers = await sessions.read(sid, session)
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
-        tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens)
+        extra = await tito_check.metadata_entry(state.tito, traj) if check else None  # type: ignore[arg-type]
+        tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens, extra)
         if traj is None or traj.num_turns == 0:
             return raw_json_response(head + tail)
 

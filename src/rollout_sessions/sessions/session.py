@@ -43,14 +43,18 @@ class Session:
         return traj
 
 
-def metadata(traj: Trajectory | None, max_trim_tokens: int = 0) -> bytes:
-    """The ``metadata`` of ``GET /sessions/{id}`` for a live session, as JSON."""
+def metadata(
+    traj: Trajectory | None, max_trim_tokens: int = 0, extra: dict[str, Any] | None = None
+) -> bytes:
+    """The ``metadata`` of ``GET /sessions/{id}`` for a live session, as JSON
+    (``extra``: more keys, e.g. ``tito_mismatch``)."""
     tokens = ids_json(traj.tokens) if traj is not None else b"[]"
     return orjson.dumps(
         {
             "accumulated_token_ids": orjson.Fragment(tokens),
             "num_assistant": traj.num_turns if traj is not None else 0,
             "max_trim_tokens": max_trim_tokens,
+            **(extra or {}),
         }
     )
 

@@ -19,6 +19,21 @@ Families and templates:
   model stops on ``<|user|>`` or ``<|observation|>``, which is also the opener the template
   renders for the next message. ``stock`` drops earlier reasoning unless the template kwarg
   ``clear_thinking=False`` is passed (as GLM-4.7 does); ``append_only`` never drops it.
+- ``kimi25``, ``kimi26`` (Kimi K2.5/K2.6-like): ``<|im_user|>user<|im_middle|>...<|im_end|>``,
+  nothing after the stop token ``<|im_end|>``; the generation prompt ends with ``<think>``.
+  ``stock`` renders reasoning only after the last assistant message without tool calls
+  (K2.6's unless ``preserve_thinking=True``; K2.5 has no switch).
+- ``minimax_m25``, ``minimax_m27`` (MiniMax-M2.5/M2.7-like): ``]~b]{role}\\n...[e~[\\n``; the
+  stop token ``[e~[`` is followed by a newline the model does not generate; the generation
+  prompt ends with ``<think>\\n``. ``stock`` drops earlier reasoning unless
+  ``clear_thinking=False``. The two differ in the default system identity only.
+- ``inkling`` (Inkling-like): ``<|message_{role}|>`` blocks closed by ``<|end_message|>``,
+  an assistant turn closed by the stop token ``<|content_model_end_sampling|>``. ``stock``
+  (the kit's own variant) drops the reasoning of assistants before the last user message.
+- ``deepseekv32``, ``deepseekv4``: the DeepSeek special tokens and no jinja template at
+  all: those models' template is code (``rollout_sessions.tito.encoders``), whose
+  ``drop_thinking`` kwarg plays the part of ``stock`` (the default) and ``append_only``
+  (``drop_thinking=False``).
 
 Build one from the command line::
 
@@ -36,6 +51,7 @@ from importlib import resources
 from pathlib import Path
 
 __all__ = [
+    "ENCODER_FAMILIES",
     "FAMILIES",
     "SPECIAL_TOKENS",
     "TEMPLATES",
@@ -46,8 +62,56 @@ __all__ = [
     "training_corpus",
 ]
 
-FAMILIES = ("qwen3", "glm47")
+FAMILIES = (
+    "qwen3",
+    "glm47",
+    "kimi25",
+    "kimi26",
+    "minimax_m25",
+    "minimax_m27",
+    "deepseekv32",
+    "deepseekv4",
+    "inkling",
+)
+# Families whose template is code: their tokenizers carry no jinja template.
+ENCODER_FAMILIES = ("deepseekv32", "deepseekv4")
 TEMPLATES = ("stock", "append_only")
+
+_KIMI = (
+    "[BOS]",
+    "[EOS]",
+    "[PAD]",
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<think>",
+    "</think>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+)
+_MINIMAX = (
+    "]~!b[",
+    "]~b]",
+    "[e~[",
+    "<think>",
+    "</think>",
+    "<minimax:tool_call>",
+    "</minimax:tool_call>",
+)
+_DEEPSEEK = (
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜▁pad▁｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<think>",
+    "</think>",
+)
 
 SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
     "qwen3": (
@@ -74,13 +138,43 @@ SPECIAL_TOKENS: dict[str, tuple[str, ...]] = {
         "<tool_call>",
         "</tool_call>",
     ),
+    "kimi25": _KIMI,
+    "kimi26": _KIMI,
+    "minimax_m25": _MINIMAX,
+    "minimax_m27": _MINIMAX,
+    "deepseekv32": _DEEPSEEK,
+    "deepseekv4": (*_DEEPSEEK, "<｜latest_reminder｜>"),
+    "inkling": (
+        "<|endoftext|>",
+        "<|message_user|>",
+        "<|message_model|>",
+        "<|message_system|>",
+        "<|message_tool|>",
+        "<|content_text|>",
+        "<|content_thinking|>",
+        "<|content_invoke_tool_json|>",
+        "<|content_xml|>",
+        "<|end_message|>",
+        "<|content_model_end_sampling|>",
+    ),
 }
 
 # eos/pad as the real tokenizer configs have them (Qwen3 instruct: eos <|im_end|>).
-_EOS_PAD = {"qwen3": ("<|im_end|>", "<|endoftext|>"), "glm47": ("<|endoftext|>", "<|endoftext|>")}
+_EOS_PAD = {
+    "qwen3": ("<|im_end|>", "<|endoftext|>"),
+    "glm47": ("<|endoftext|>", "<|endoftext|>"),
+    "kimi25": ("[EOS]", "[PAD]"),
+    "kimi26": ("[EOS]", "[PAD]"),
+    "minimax_m25": ("[e~[", "[e~["),
+    "minimax_m27": ("[e~[", "[e~["),
+    "deepseekv32": ("<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"),
+    "deepseekv4": ("<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"),
+    "inkling": ("<|content_model_end_sampling|>", "<|endoftext|>"),
+}
 
 # Pre-tokenizer split patterns of the real families: Qwen splits digits one by one,
-# GLM-4 in groups of up to three. The split decides which merges can exist at all.
+# GLM-4 (and the others here) in groups of up to three. The split decides which merges
+# can exist at all.
 _SPLIT_PATTERNS = {
     "qwen3": (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -91,6 +185,8 @@ _SPLIT_PATTERNS = {
         r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
 }
+for _family in FAMILIES[2:]:
+    _SPLIT_PATTERNS[_family] = _SPLIT_PATTERNS["qwen3" if _family == "inkling" else "glm47"]
 
 _BYTE_ALPHABET = 256
 _SEED = 20250107
@@ -110,6 +206,29 @@ _KEEP_ALL_REASONING = {
     ("qwen3", "append_only"): "true",
     ("glm47", "stock"): "(clear_thinking is defined and clear_thinking is false)",
     ("glm47", "append_only"): "true",
+    ("kimi25", "stock"): "false",
+    ("kimi25", "append_only"): "true",
+    ("kimi26", "stock"): "(preserve_thinking is defined and preserve_thinking)",
+    ("kimi26", "append_only"): "true",
+    ("minimax_m25", "stock"): "(clear_thinking is defined and clear_thinking is false)",
+    ("minimax_m25", "append_only"): "true",
+    ("minimax_m27", "stock"): "(clear_thinking is defined and clear_thinking is false)",
+    ("minimax_m27", "append_only"): "true",
+    ("inkling", "stock"): "false",
+    ("inkling", "append_only"): "true",
+}
+_TEMPLATE_FILES = {
+    "qwen3": "qwen3.jinja",
+    "glm47": "glm47.jinja",
+    "kimi25": "kimi.jinja",
+    "kimi26": "kimi.jinja",
+    "minimax_m25": "minimax.jinja",
+    "minimax_m27": "minimax.jinja",
+    "inkling": "inkling.jinja",
+}
+_TEMPLATE_SETTINGS = {
+    "minimax_m25": "{%- set model_name = 'MiniMax-M2.5' -%}",
+    "minimax_m27": "{%- set model_name = 'MiniMax-M2.7' -%}",
 }
 
 
@@ -125,26 +244,47 @@ def _template_file(name: str) -> str:
 
 
 def chat_template(family: str, template: str) -> str:
-    """The jinja source of ``family``'s ``template`` (``"stock"`` or ``"append_only"``)."""
+    """The jinja source of ``family``'s ``template`` (``"stock"`` or ``"append_only"``).
+
+    ``ValueError`` for a family whose template is code (``ENCODER_FAMILIES``).
+    """
     _check(family, template)
-    body = _template_file(f"{family}.jinja")
+    if family in ENCODER_FAMILIES:
+        raise ValueError(f"{family} has no jinja template: its template is code")
+    body = _template_file(_TEMPLATE_FILES[family])
     header = (
         f"{{#- rollout_sessions.testing.tokenizers: {family} {template} -#}}\n"
         f"{{%- set keep_all_reasoning = {_KEEP_ALL_REASONING[family, template]} -%}}"
     )
+    if family in _TEMPLATE_SETTINGS:
+        header += "\n" + _TEMPLATE_SETTINGS[family]
     return header + "\n" + _template_file("text_macro.jinja") + body.strip() + "\n"
 
 
 def stop_token(family: str, tool_call: bool = False) -> str:
     """The token the model emits to end its turn.
 
-    qwen3 always ends with ``<|im_end|>``. glm47 ends with the opener of the message it
-    expects next: ``<|observation|>`` after a tool call, ``<|user|>`` otherwise.
+    qwen3 and kimi end with ``<|im_end|>``, minimax with ``[e~[``, deepseek with
+    ``<｜end▁of▁sentence｜>``, inkling with ``<|content_model_end_sampling|>``. glm47 ends
+    with the opener of the message it expects next: ``<|observation|>`` after a tool call,
+    ``<|user|>`` otherwise.
     """
     _check(family)
-    if family == "qwen3":
-        return "<|im_end|>"
-    return "<|observation|>" if tool_call else "<|user|>"
+    if family == "glm47":
+        return "<|observation|>" if tool_call else "<|user|>"
+    return _STOP_TOKENS[family]
+
+
+_STOP_TOKENS = {
+    "qwen3": "<|im_end|>",
+    "kimi25": "<|im_end|>",
+    "kimi26": "<|im_end|>",
+    "minimax_m25": "[e~[",
+    "minimax_m27": "[e~[",
+    "deepseekv32": "<｜end▁of▁sentence｜>",
+    "deepseekv4": "<｜end▁of▁sentence｜>",
+    "inkling": "<|content_model_end_sampling|>",
+}
 
 
 # -- training corpus --------------------------------------------------------------------
@@ -367,11 +507,12 @@ def build_tokenizer(
         [AddedToken(t, special=True, normalized=False, single_word=False) for t in specials]
     )
     eos, pad = _EOS_PAD[family]
+    template_source = None if family in ENCODER_FAMILIES else chat_template(family, template)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=eos,
         pad_token=pad,
-        chat_template=chat_template(family, template),
+        chat_template=template_source,
         clean_up_tokenization_spaces=False,  # it would rewrite " ." to "." on decode
         model_max_length=131072,
     )
@@ -384,7 +525,10 @@ def build_tokenizer(
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    stops = sorted({stop_token(family), stop_token(family, tool_call=True), "<|endoftext|>"})
+    stops = {stop_token(family), stop_token(family, tool_call=True), eos}
+    if "<|endoftext|>" in specials:
+        stops.add("<|endoftext|>")
+    stops = sorted(stops)
     generation = {
         "eos_token_id": [tokenizer.convert_tokens_to_ids(t) for t in stops],
         "pad_token_id": tokenizer.convert_tokens_to_ids(pad),
