@@ -100,6 +100,8 @@ CHECKPOINT_TRIES = 4
 # Minting reserves payloads ahead in blocks: an id handed out is always below
 # the reservation on disk, so a restart never mints an id twice.
 MINT_BLOCK = 1 << 20
+# Less free space than this on the journal's disk: an I/O error is a full disk.
+NO_ROOM_BYTES = 64 << 10
 # Deleted ids the tombstone ring no longer holds are pruned from the table
 # once this many (or an eighth of the capacity) have accumulated.
 PRUNE_SLACK = 1024
@@ -406,7 +408,7 @@ class Journal:
                     self._maintain()
             except Exception as exc:  # supervised: the writer never dies with futures unsettled
                 log.exception("journal writer: unexpected failure")
-                self._settle([(op, None, api_error(exc)) for op in batch])
+                self._settle([(op, None, self._answer(exc)) for op in batch])
 
     def _gather(self, got: list[_Op] | None, linger: bool) -> tuple[list[_Op], bool]:
         """``got`` and what else is queued, up to ``MAX_BATCH``; whether to close.
@@ -461,13 +463,26 @@ class Journal:
                 try:
                     results.append((op, self._transaction([op])[0], None))
                 except Exception as exc:
-                    results.append((op, None, api_error(exc)))
+                    results.append((op, None, self._answer(exc)))
         failed = [error for _, _, error in results if error is not None]
         if len(failed) < len(results):
             self._healthy()
         elif failed:
             self._failing(failed[0])
         self._settle(results)
+
+    def _answer(self, exc: BaseException) -> BaseException:
+        """The answer for a write that failed: ``api_error``'s, except that an I/O
+        error on a disk with no room left is a lack of space (507) too (SQLite
+        reports some of those as I/O errors: a short write, the shared-memory
+        file that cannot grow)."""
+        err = api_error(exc)
+        if err.status == 503 and isinstance(exc, sqlite3.Error):
+            with contextlib.suppress(OSError):
+                room = os.statvfs(self.directory)
+                if room.f_bavail * room.f_frsize < NO_ROOM_BYTES:
+                    return errors.journal_full()
+        return err
 
     def _settle(self, results: list[tuple[_Op, Any, BaseException | None]]) -> None:
         if not results or self._loop is None:
@@ -492,7 +507,7 @@ class Journal:
         try:
             self._transaction([_Op(lambda conn: set_meta(conn, "probe", b"1"), None)])
         except Exception as exc:
-            self._failing(api_error(exc))
+            self._failing(self._answer(exc))
         else:
             self._healthy()
 
