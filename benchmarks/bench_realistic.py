@@ -22,6 +22,11 @@ turns sent through the generic forwarding route of ``serve --no-journal``
 (nothing recorded, the final GET empty), i.e. what uvicorn, BlackSheep and
 aiohttp cost per turn before the server does any work of its own.
 
+``--baseline DIR`` adds ``baseline``: the same server from another checkout
+(the build before, its extensions built in place with ``setup.py build_ext
+--inplace``), for the A/B guards: CPU per turn and memory per kept session
+within 3% of it.
+
 ``--rates 20,30`` adds open-loop rounds: sessions arrive at that rate
 (Poisson, the same seeded sequence for every server) whatever the server's
 speed, so a latency difference is the server's own and not the queue of a
@@ -232,6 +237,11 @@ def server_argvs(up: str, a: argparse.Namespace) -> dict[str, Any]:
     }
     if a.tokenizer:
         argvs["ours_tito"] = ours_argv(up, "--tokenizer", a.tokenizer, "--tito-model", "qwen3")
+    if a.baseline:
+        # The build before, from its own checkout (its extensions built in place):
+        # the same command, its package first on the path.
+        src = str(Path(a.baseline).resolve() / "src")
+        argvs["baseline"] = lambda port: ["env", f"PYTHONPATH={src}", *ours_argv(up)(port)]
     return {name: argvs[name] for name in a.targets}
 
 
@@ -251,6 +261,11 @@ def main() -> None:
     p.add_argument("--keep-sessions", type=int, default=300)
     p.add_argument("--targets", default="ours,ours_nojournal,reference")
     p.add_argument("--tokenizer", help="a tokenizer directory: adds the ours_tito target")
+    p.add_argument(
+        "--baseline",
+        help="a checkout of the build before (extensions built in place): adds the "
+        "baseline target, for the A/B guards (CPU per turn and memory per session)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the kept-session memory study")
     p.add_argument("--json", type=Path, default=RESULTS / "realistic.json")
     a = p.parse_args()
@@ -259,6 +274,8 @@ def main() -> None:
     a.targets = a.targets.split(",")
     if a.tokenizer and "ours_tito" not in a.targets:
         a.targets.append("ours_tito")
+    if a.baseline and "baseline" not in a.targets:
+        a.targets.append("baseline")
     res: dict[str, Any] = {"args": {k: v for k, v in vars(a).items() if k != "json"}}
     with started_process("backend", backend_argv(a.completion_words)) as backend:
         argvs = server_argvs(backend.url, a)
@@ -310,6 +327,15 @@ def main() -> None:
                     "met": rise <= 2,
                 }
             )
+        if "baseline" in row and "ours" in row:
+            ratio = row["ours"]["cpu_ms_per_turn"] / row["baseline"]["cpu_ms_per_turn"]
+            targets.append(
+                {
+                    "target": f"CPU per turn <= 1.03x the build before at {at}",
+                    "value": ratio,
+                    "met": ratio <= 1.03,
+                }
+            )
         if "ours_tito" in row and "ours" in row:
             extra = row["ours_tito"]["cpu_ms_per_turn"] - row["ours"]["cpu_ms_per_turn"]
             targets.append(
@@ -336,6 +362,16 @@ def main() -> None:
                 "target": "Anthropic and chat sessions record equal trajectories",
                 "value": float(res["equal_trajectories"]),
                 "met": res["equal_trajectories"] and min(res["kept_turns"].values()) == a.turns,
+            }
+        )
+    mem = res.get("memory", {})
+    if "ours" in mem and "baseline" in mem:
+        ratio = mem["ours"]["bytes_per_session"] / mem["baseline"]["bytes_per_session"]
+        targets.append(
+            {
+                "target": "RSS per kept session <= 1.03x the build before",
+                "value": ratio,
+                "met": ratio <= 1.03,
             }
         )
     memory_limits = {"ours": 150 * 1024, "ours_nojournal": 400 * 1024}

@@ -95,7 +95,9 @@ CLIENT_FAULTS = ("client_disconnect", "client_abort_upload")
 FAULTS = (*BACKEND_FAULTS, *CLIENT_FAULTS, "kill9", "disk_full")
 DISK_FULL_S = 3.0  # how long each disk-full episode lasts
 DISK_BYTES = 256 << 20  # the data dir's own tmpfs
-UPSTREAM_TIMEOUT_S = 1.5
+# Twice the slowest injected answer (backend_slow: up to 1.2 s), so that a busy
+# machine does not turn a slow answer into a timeout.
+UPSTREAM_TIMEOUT_S = 2.5
 RETRY_PAUSE_S = 1.0  # longer than any answer a disconnected client left behind
 RESTART_WARMUP_S = 8.0
 SAMPLE_EVERY_S = 0.25
