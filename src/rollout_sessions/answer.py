@@ -71,6 +71,7 @@ class ParsedAnswer:
         "completion_ids",
         "logprobs",
         "replay",
+        "extras",
         "_response",
     )
 
@@ -83,6 +84,7 @@ class ParsedAnswer:
         logprobs: array,  # float32, one per completion id
         replay: bool,  # a choice's meta_info holds a REPLAY_KEYS payload
         response: dict[str, Any] | None = None,
+        extras: tuple[Any, Any, Any, Any] = (None, None, None, None),
     ) -> None:
         self.raw = raw
         self.message = message
@@ -90,6 +92,9 @@ class ParsedAnswer:
         self.completion_ids = completion_ids
         self.logprobs = logprobs
         self.replay = replay
+        # (id, choices[0].finish_reason, meta_info.weight_version,
+        # meta_info.cached_tokens): what a trajectory node keeps of the answer
+        self.extras = extras
         self._response = response
 
     @property
@@ -242,7 +247,30 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     message = _message(message)  # the defects in _parse_full's order
     pairs = read_pairs(entries.mini, count, MAX_TOKEN_ID) if count == len(entries) else None
     completion, logprobs = pairs or _completion(entries.as_list(), count)
-    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay)
+    extras = (
+        _scalar(doc.get("id")),
+        _finish_reason(_scalar(choice.get("finish_reason")), meta.get("finish_reason")),
+        _scalar(meta.get("weight_version")),
+        _scalar(meta.get("cached_tokens")),
+    )
+    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, None, extras)
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON scalar as is; an object or array (not expected here) as Python objects."""
+    if type(value) is _SimdObject:
+        return value.as_dict()
+    if type(value) is _SimdArray:
+        return value.as_list()
+    return value
+
+
+def _finish_reason(value: Any, meta_reason: Any) -> Any:
+    """``choices[0].finish_reason``, else SGLang's ``meta_info.finish_reason.type``."""
+    if value is None and meta_reason is not None:
+        if type(meta_reason) is _SimdObject or type(meta_reason) is dict:
+            return _scalar(meta_reason.get("type"))
+    return value
 
 
 def _replay_in(choices: Any) -> bool | None:
@@ -306,7 +334,13 @@ def _parse_full(raw: bytes) -> ParsedAnswer:
         and any(key in other["meta_info"] for key in REPLAY_KEYS)
         for other in choices
     )
-    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, response)
+    extras = (
+        response.get("id"),
+        _finish_reason(choice.get("finish_reason"), meta.get("finish_reason")),
+        meta.get("weight_version"),
+        meta.get("cached_tokens"),
+    )
+    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, response, extras)
 
 
 def _may_hold_booleans(raw: bytes) -> bool:

@@ -46,6 +46,7 @@ from blacksheep import Request, Response
 from rollout_sessions import errors
 from rollout_sessions.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.errors import ApiError
+from rollout_sessions.forest_chat import choices_requested, tree_turn
 from rollout_sessions.forwarding import client_headers, passthrough
 from rollout_sessions.registry import DELETED, NEVER_SEEN
 from rollout_sessions.session import Session
@@ -157,6 +158,7 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
     turn = ChatRequest(
         await read_body(request, settings.max_body_bytes, settings.header_timeout_s), arrived
     )
+    n = choices_requested(turn.req, settings.trajectory)  # n > 1 only in tree mode
     tito = state.tito
     first_ids = None
     if session is NEVER_SEEN:
@@ -166,6 +168,8 @@ async def chat_completions(state: AppState, session_id: str, request: Request) -
         session = registry.get_or_create(session_id, Session)
         if session is DELETED or session.closing:  # deleted while the body was read
             raise errors.session_not_found(session_id)
+    if settings.trajectory == "tree":  # always-branch: forest_chat
+        return await tree_turn(state, session_id, session, request, turn, n, first_ids)
 
     lock = session.lock
     async with lock:

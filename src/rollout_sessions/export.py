@@ -1,39 +1,40 @@
-"""``POST /sessions/{id}/samples``: a session's trajectory as one training sample.
+"""``POST /sessions/{id}/samples``: a session's training samples.
 
 What a trainer wants instead of re-parsing records, linear in the
-trajectory's size (records are quadratic):
-
-- ``tokens`` (int32): the trajectory, every prompt and completion once;
-- ``loss_mask`` (uint8): 1 on generated tokens, 0 on prompt and tool tokens;
-- ``rollout_log_probs`` (float32): the sampler's logprob of each generated
-  token, 0 where the mask is 0;
-- metadata: ``session_id``, ``num_assistant``, ``turns`` (each turn's
-  ``[completion_start, completion_end)`` in ``tokens``), ``length``, and, when
-  ``max_seq_len`` cut it, ``truncated: true`` with the ``original_length``.
+trajectory's size (records are quadratic): ``tokens`` (int32), ``loss_mask``
+(uint8, 1 on generated tokens), ``rollout_log_probs`` (float32, 0 where the
+mask is 0) and ``offsets`` (int64, k+1 entries), concatenated over the
+samples: one sample of the trajectory in linear mode, one per kept leaf in
+tree mode (``samples``, ``forest_api``). Metadata: ``session_id``,
+``samples`` (one object per sample) and, in linear mode, the single
+sample's ``num_assistant``, ``turns``, ``length``, ``truncated`` (and
+``original_length``) at the top level.
 
 The answer is ``application/octet-stream`` safetensors (the metadata in its
 ``__metadata__``, values as JSON text), or JSON lists with ``Accept:
-application/json``. Body: ``{}`` or ``{"max_seq_len": n}``. A deleted id is
-404; a never-seen id answers an empty sample and nothing is created.
+application/json``. Body: ``{}`` or any of ``max_seq_len``, ``reward``,
+``metadata``. A deleted id is 404; a never-seen id answers no sample and
+nothing is created.
 """
 
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import orjson
 from blacksheep import Application, Request, Response
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 from safetensors.numpy import save
 
 from rollout_sessions import errors
+from rollout_sessions.forest_api import tree_export
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
+from rollout_sessions.samples import linear_samples, parse_body
 from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
-from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, parse_json, read_body, whole
+from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, read_body, whole
 
 if TYPE_CHECKING:
     from rollout_sessions.state import AppState
@@ -44,57 +45,19 @@ SAMPLES_PATH = "/samples"
 
 async def _read(
     state: AppState, sid: str, session: Session
-) -> tuple[Trajectory, list[array] | None]:
-    """The trajectory (a snapshot) and, when the journal keeps them, its logprobs."""
+) -> tuple[Trajectory, list[array] | None, list[bytes] | None]:
+    """The trajectory (a snapshot) and, when the journal keeps them, its logprobs
+    and answers."""
     journal = state.journal
     async with session.lock:  # no turn of this session is being written meanwhile
         traj = session.trajectory
         if journal is None:
-            return traj.snapshot_with_logprobs(), None
+            return traj.snapshot_with_logprobs(), None, None
         snapshot = traj.snapshot()
-        pending = journal.logprobs(state.registry.key_of(sid))
-    return snapshot, await pending
-
-
-def sample(
-    session_id: str,
-    traj: Trajectory | None,
-    max_seq_len: int | None,
-    logprobs: list[array] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays and the metadata of a session's training sample."""
-    if traj is None or traj.num_turns == 0:
-        tokens = np.zeros(0, dtype=np.int32)
-        mask = np.zeros(0, dtype=np.uint8)
-        values = np.zeros(0, dtype=np.float32)
-        turns: list[list[int]] = []
-    else:
-        tokens, mask, values, turns = traj.sample_arrays(logprobs)
-    meta: dict[str, Any] = {
-        "session_id": session_id,
-        "num_assistant": len(turns),
-        "turns": turns,
-        "length": len(tokens),
-        "truncated": False,
-    }
-    if max_seq_len is not None and len(tokens) > max_seq_len:
-        meta.update(truncated=True, original_length=len(tokens), length=max_seq_len)
-        tokens, mask, values = tokens[:max_seq_len], mask[:max_seq_len], values[:max_seq_len]
-        meta["turns"] = [[a, min(b, max_seq_len)] for a, b in turns if a < max_seq_len]
-    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": values}
-    return arrays, meta
-
-
-def _max_seq_len(body: bytes) -> int | None:
-    if not body:
-        return None
-    data = parse_json(body)
-    if type(data) is not dict:
-        raise errors.bad_json("expected a JSON object")
-    value = data.get("max_seq_len")
-    if value is not None and (type(value) is not int or value < 1):
-        raise errors.invalid_samples_request("max_seq_len must be a positive integer")
-    return value
+        key = state.registry.key_of(sid)
+        pending = journal.logprobs(key)
+        pending_answers = journal.answers(key)
+    return snapshot, await pending, await pending_answers
 
 
 def _wants_json(request: Request) -> bool:
@@ -109,16 +72,20 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     async def samples(request: Request) -> Response:
         sid = request.route_values["id"]
         id_checked(validate_id, sid)
-        max_seq_len = _max_seq_len(
+        req = parse_body(
             await read_body(request, settings.max_body_bytes, settings.header_timeout_s)
         )
         session = lookup(sid)
         if session is DELETED:
             raise errors.session_not_found(sid)
-        traj, logprobs = None, None
-        if session is not NEVER_SEEN and session.traj is not None:
-            traj, logprobs = await _read(state, sid, session)
-        arrays, meta = sample(sid, traj, max_seq_len, logprobs)
+        if settings.trajectory == "tree":  # one sample per kept leaf: forest_api
+            live = session if session is not NEVER_SEEN else None
+            arrays, meta = await tree_export(state, sid, live, req)
+        else:
+            traj, logprobs, answers = None, None, None
+            if session is not NEVER_SEEN and session.traj is not None:
+                traj, logprobs, answers = await _read(state, sid, session)
+            arrays, meta = linear_samples(sid, traj, req, logprobs, answers)
         if _wants_json(request):
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
             return Response(200, None, whole(JSON_TYPE, body))

@@ -64,6 +64,7 @@ import zstandard
 
 from rollout_sessions import errors
 from rollout_sessions.answer import LOGPROB_TYPECODE
+from rollout_sessions.forest import NodeWrite
 from rollout_sessions.journal_db import (
     DB_NAME,
     KINDS,
@@ -75,6 +76,10 @@ from rollout_sessions.journal_db import (
     get_meta,
     head_bytes,
     lock_dir,
+    node_head,
+    node_messages,
+    node_write,
+    nodes_by_session,
     open_db,
     prune_deleted,
     set_meta,
@@ -115,6 +120,8 @@ class Restored:
     sessions: list[tuple[bytes, str, int, float]]  # (key, sid, kind, touched), oldest first
     turns: dict[bytes, list[TurnWrite]] = field(default_factory=dict)
     deleted: list[tuple[bytes, float]] = field(default_factory=list)  # (key, at), oldest first
+    # Tree mode: each session's nodes in id order, with the matcher of their digests.
+    nodes: dict[bytes, list[tuple[NodeWrite, str]]] = field(default_factory=dict)
 
 
 class _Op:
@@ -198,6 +205,8 @@ class Journal:
             done += 1
             if done % 10_000 == 0:
                 progress(done, total)
+        for key, rows in nodes_by_session(conn):
+            restored.nodes[key] = [node_write(row) for row in rows]
         restored.deleted = conn.execute("SELECT key, at FROM deleted ORDER BY rowid").fetchall()
         self._deleted_rows = len(restored.deleted)
         return restored
@@ -288,6 +297,47 @@ class Journal:
 
         return self._submit(run)
 
+    def nodes(
+        self,
+        key: bytes,
+        sid: str,
+        kind: str,
+        writes: list[NodeWrite],
+        matcher: str,
+        has_row: bool,
+        first_id: int,
+    ) -> asyncio.Future:
+        """Nodes recorded by one turn (several for n > 1), in one transaction, with
+        ids from ``first_id``. ``has_row`` as for ``turn``."""
+        now = time.time()
+        compress = self._compressor.compress
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not has_row:
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
+                    (key, sid, KINDS[kind], now),
+                )
+            conn.executemany(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        key,
+                        first_id + i,
+                        node_head(write, matcher),
+                        write.rest,
+                        node_messages(write),
+                        write.suffix.tobytes(),
+                        compress(write.answer),  # in this thread: zstd lets go of the GIL
+                        write.logprobs.tobytes(),
+                    )
+                    for i, write in enumerate(writes)
+                ],
+            )
+
+        return self._submit(run)
+
     def delete(self, key: bytes, foreign: bool) -> asyncio.Future:
         """A session deleted; a foreign id is remembered for the tombstone ring."""
         now = time.time()
@@ -345,6 +395,39 @@ class Journal:
             out = []
             for (blob,) in conn.execute(
                 "SELECT logprobs FROM turns WHERE key = ? ORDER BY k", (key,)
+            ):
+                values = array(LOGPROB_TYPECODE)
+                values.frombytes(blob)
+                out.append(values)
+            return out
+
+        return self._submit(run)
+
+    def node_answers(self, key: bytes, ids: list[int] | None = None) -> asyncio.Future:
+        """The compressed answers of a session's nodes in id order (or of ``ids``)."""
+        if ids is None:
+            return self._submit(
+                lambda conn: [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT answer FROM nodes WHERE key = ? ORDER BY id", (key,)
+                    )
+                ]
+            )
+
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            query = "SELECT answer FROM nodes WHERE key = ? AND id = ?"
+            return [conn.execute(query, (key, k)).fetchone()[0] for k in ids]
+
+        return self._submit(run)
+
+    def node_logprobs(self, key: bytes) -> asyncio.Future:
+        """The logprobs of a session's nodes, in id order (float32 arrays)."""
+
+        def run(conn: sqlite3.Connection) -> list[array]:
+            out = []
+            for (blob,) in conn.execute(
+                "SELECT logprobs FROM nodes WHERE key = ? ORDER BY id", (key,)
             ):
                 values = array(LOGPROB_TYPECODE)
                 values.frombytes(blob)

@@ -13,6 +13,7 @@ import logging
 import time
 
 from rollout_sessions.config import Settings
+from rollout_sessions.forest_restore import restore_forest
 from rollout_sessions.journal import Journal, JournalError, Restored
 from rollout_sessions.registry import Registry
 from rollout_sessions.session import Session
@@ -45,7 +46,7 @@ def open_registry(settings: Settings) -> tuple[Registry, Journal | None]:
         "journal %s: %d sessions (%d turns) and %d deleted ids restored in %.2fs",
         settings.data_dir,
         sessions,
-        sum(len(w) for w in restored.turns.values()),
+        sum(len(w) for w in restored.turns.values()) + sum(len(w) for w in restored.nodes.values()),
         len(restored.deleted),
         time.monotonic() - started,
     )
@@ -65,7 +66,10 @@ def _restore(settings: Settings, journal: Journal, restored: Restored) -> tuple[
             continue
         session = Session()
         writes = restored.turns.get(key)
-        if writes:
+        nodes = restored.nodes.get(key)
+        if nodes or (writes and settings.trajectory == "tree"):  # a forest: forest_restore
+            session.traj = restore_forest(settings, sid, writes, nodes)  # type: ignore[assignment]
+        elif writes:
             traj = session.traj = Trajectory()
             for write in writes:
                 traj.apply(write, keep_answer=False)

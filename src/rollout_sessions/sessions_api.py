@@ -21,6 +21,7 @@ from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions import errors
 from rollout_sessions.errors import ApiError
+from rollout_sessions.forest_api import get_tree
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN
 from rollout_sessions.routing import CHAT_PATH, SessionRouter
@@ -123,6 +124,8 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
+        if settings.trajectory == "tree":  # a forest: forest_api
+            return await get_tree(state, sid, session, request)
         traj, answers = await read_trajectory(state, sid, session)
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
         tail = b'],"metadata":%s}' % metadata(traj, state.max_trim_tokens)
