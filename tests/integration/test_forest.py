@@ -330,3 +330,36 @@ def _header(raw: bytes) -> dict:
     import json
 
     return json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+
+
+def test_a_restart_with_another_matcher_reindexes_and_modes_do_not_mix(
+    server_factory: Any, echo: ManagedProcess, tmp_path: Any
+) -> None:
+    import sqlite3
+
+    data = str(tmp_path / "d")
+    flags = ("--upstream", echo.url, "--trajectory", "tree", "--data-dir", data)
+    srv = server_factory(*flags)
+    sid = "forest-matcher"
+    first = chat(srv, sid, [SYS, USER])["choices"][0]["message"]
+    srv.cleanup()  # a clean stop this time
+    again = server_factory(*flags, "--message-matcher", "role_content_only")
+    # A re-sent assistant message with extra reasoning matches node 0 on role and
+    # content: the turn attaches there (under strict it would be a plain new root);
+    # the echo renders the reasoning, so its tokens do not extend node 0's: a
+    # flagged root, which only an attach can give.
+    resent = {**first, "reasoning_content": "thought about it"}
+    chat(again, sid, [SYS, USER, resent, {"role": "user", "content": "next"}])
+    node = tree_of(again, sid)["metadata"]["tree"]["nodes"][1]
+    assert node["parent"] is None and node["prefix_mismatch"] is True
+    # deleting frees the nodes on disk
+    chat(again, "forest-other", [USER])
+    assert again.delete(f"/sessions/{sid}").status_code == 204
+    again.cleanup()
+    with sqlite3.connect(tmp_path / "d" / "journal.sqlite3") as conn:
+        kept = conn.execute("SELECT DISTINCT key FROM nodes").fetchall()
+    assert len(kept) == 1
+    # a journal with forests is refused in linear mode, naming the setting
+    with pytest.raises(RuntimeError) as err:
+        server_factory("--upstream", echo.url, "--data-dir", data)
+    assert "--trajectory tree" in str(err.value)
