@@ -73,6 +73,7 @@ class NodeWrite:
     weight_version: Any
     cached_tokens: Any
     digest: bytes  # its path messages' digest (forest_rules.chain)
+    message_digests: tuple[bytes, ...] = ()  # of its delta's messages (the attach memo)
 
 
 class Forest:
@@ -102,6 +103,7 @@ class Forest:
         "times",
         "digests",
         "index",
+        "memo",
         "active",
         "inflight",
     )
@@ -130,6 +132,8 @@ class Forest:
         self.times = array("d")  # (committed, arrived) per node
         self.digests: list[bytes] = []
         self.index: dict[bytes, int] = {}  # path digest -> latest node with that path
+        # A stored message's bytes -> its digest (keys are the stored bytes objects).
+        self.memo: dict[bytes, bytes] = {}
         self.active = -1  # the node committed or attached to last
         self.inflight = 0  # nodes of turns between attach and commit (the cap counts them)
 
@@ -272,9 +276,11 @@ class Forest:
         weight_version: Any,
         cached_tokens: Any,
         digest: bytes,
+        message_digests: list[bytes],
     ) -> NodeWrite:
         """A node under ``parent`` (-1: a root) whose path holds the request's first
-        ``matched`` messages. Pure."""
+        ``matched`` messages. ``message_digests``: of the request's messages and
+        its own (``forest_rules``). Pure."""
         checkpoint = prompt + completion
         if parent >= 0:
             stored = self.path_messages(parent)
@@ -283,8 +289,10 @@ class Forest:
             )
             common = _common_prefix(self.path_tokens(parent), checkpoint)
             delta = (*message_bytes[matched:], assistant)
+            delta_digests = tuple(message_digests[matched:])
         else:
             overrides, common, delta = (), 0, (*message_bytes, assistant)
+            delta_digests = tuple(message_digests)
         return NodeWrite(
             parent=parent,
             seen=seen,
@@ -305,6 +313,7 @@ class Forest:
             weight_version=weight_version,
             cached_tokens=cached_tokens,
             digest=digest,
+            message_digests=delta_digests,
         )
 
     def apply(self, w: NodeWrite, keep_answer: bool = True) -> int:
@@ -323,8 +332,12 @@ class Forest:
         self.tokens += w.suffix
         self.tok_starts.append(len(self.tokens))
         # Copies of exact size: orjson's output keeps its whole write buffer.
-        self.messages.extend(bytes(memoryview(m)) for m in w.messages)
+        stored = [bytes(memoryview(m)) for m in w.messages]
+        self.messages += stored
         self.msg_starts.append(len(self.messages))
+        memo = self.memo
+        for text, digest in zip(stored, w.message_digests, strict=False):
+            memo.setdefault(text, digest)
         if keep_answer:
             self.logprobs += w.logprobs
             answer = bytes(memoryview(_compressor.compress(w.answer)))
@@ -358,12 +371,16 @@ class Forest:
         """Every node's path digest again, under ``matcher`` (a restart with
         another ``MESSAGE_MATCHER`` than the journal's)."""
         self.index.clear()
-        digests = self.digests
+        self.memo.clear()
+        digests, memo = self.digests, self.memo
         for k in range(self.n_nodes):
             parent = self.parents[k]
             digest = digests[parent] if parent >= 0 else forest_rules.ROOT_DIGEST
             for text in self.delta(k):
-                digest = forest_rules.chain(digest, orjson.loads(text), matcher)
+                one = memo.get(text)
+                if one is None:
+                    one = memo[text] = forest_rules.message_digest(orjson.loads(text), matcher)
+                digest = forest_rules.chain(digest, one)
             digests[k] = digest
             self.index[digest] = k
 

@@ -97,7 +97,6 @@ async def tree_turn(
     settings = state.settings
     tito = state.tito
     matcher = settings.message_matcher
-    digests = forest_rules.prefix_digests(turn.messages, matcher)  # pure: before the lock
     lock = session.lock
     async with lock:
         if session.closing:
@@ -109,7 +108,10 @@ async def tree_turn(
         cap = settings.max_tree_nodes
         if forest.n_nodes + forest.inflight + n > cap:
             raise errors.tree_node_cap(cap, forest.n_nodes, n)
-        parent, matched = forest_rules.attach(forest.index, digests)
+        digests = forest_rules.prefix_digests(
+            turn.messages, turn.message_bytes, matcher, forest.memo
+        )
+        parent, matched = forest_rules.attach(forest.index, digests[0])
         if parent >= 0 and forest.truncated(parent):
             raise errors.truncated_not_extendable(parent)
         base = last_assistant = None
@@ -270,7 +272,7 @@ async def _record(
     parent: int,
     matched: int,
     seen: int,
-    digests: list[bytes],
+    digests: tuple[list[bytes], list[bytes]],
     turn: ChatRequest,
     choices: list[Choice],
     input_ids: array | None,
@@ -284,7 +286,7 @@ async def _record(
     if session.traj is not forest:
         return "closing"
     matcher = state.settings.message_matcher
-    request_digest = digests[-1]
+    request_digest = digests[0][-1]
     now = time.time()
     writes: list[NodeWrite] = []
     for choice in choices:
@@ -307,6 +309,7 @@ async def _record(
                 node_parent, node_matched = -1, 0
                 flags |= PREFIX_MISMATCH
         response_id, finish, weight_version, cached = choice.extras
+        own = forest_rules.message_digest(choice.message, matcher)
         writes.append(
             forest.prepare(
                 parent=node_parent,
@@ -326,7 +329,8 @@ async def _record(
                 response_id=response_id if type(response_id) is str else None,
                 weight_version=weight_version,
                 cached_tokens=cached,
-                digest=forest_rules.chain(request_digest, choice.message, matcher),
+                digest=forest_rules.chain(request_digest, own),
+                message_digests=[*digests[1], own],
             )
         )
     journal = state.journal

@@ -10,10 +10,12 @@ JSON:
   as parsed JSON (``{"a": 1}`` and ``{ "a":1 }`` match);
 - ``role_content_only``: role and content.
 
-Attach search without comparing nodes' messages one by one: a path of
-messages has a *digest*, chained message by message (``chain``), so a
-request's prefixes have digests ``D[0..L]`` computed once, and each node
-keeps its path's digest in an index (digest -> latest node). The deepest
+Attach search without comparing nodes' messages one by one: a message has a
+digest (of its key), a path of messages a digest chained message by message
+(``chain``), so a request's prefixes have digests ``D[0..L]`` computed once
+(a message the forest stores byte for byte is looked up, not hashed again:
+``prefix_digests``' memo), and each node keeps its path's digest in an index
+(digest -> latest node). The deepest
 node whose path is a prefix of the request is then the largest ``i`` with
 ``D[i]`` in the index: ``L`` dictionary lookups, whatever the forest's size.
 
@@ -111,27 +113,38 @@ def messages_match(a: dict[str, Any], b: dict[str, Any], matcher: str) -> bool:
     return message_key(a, matcher) == message_key(b, matcher)
 
 
-def chain(previous: bytes, message: dict[str, Any], matcher: str) -> bytes:
-    """The digest of a path: the digest of the path before it, then one message."""
-    h = blake2b(previous, digest_size=DIGEST_SIZE)
-    h.update(message_key(message, matcher))
-    return h.digest()
+def message_digest(message: dict[str, Any], matcher: str) -> bytes:
+    """The digest of one message's key."""
+    return blake2b(message_key(message, matcher), digest_size=DIGEST_SIZE).digest()
 
 
-def prefix_digests(messages: Sequence[dict[str, Any]], matcher: str) -> list[bytes]:
-    """``D[i]``: the digest of ``messages[:i]``, for ``i`` in ``0..len(messages)``."""
-    out = [ROOT_DIGEST]
-    key = _KEYS[matcher]
-    digest = ROOT_DIGEST
-    for message in messages:
-        h = blake2b(digest, digest_size=DIGEST_SIZE)
-        try:
-            h.update(orjson.dumps(key(message), option=_SORTED))
-        except orjson.JSONEncodeError:
-            h.update(orjson.dumps(repr(key(message))))
-        digest = h.digest()
-        out.append(digest)
-    return out
+def chain(previous: bytes, digest: bytes) -> bytes:
+    """The digest of a path: the digest of the path before it, then one message's."""
+    return blake2b(previous + digest, digest_size=DIGEST_SIZE).digest()
+
+
+def prefix_digests(
+    messages: Sequence[dict[str, Any]],
+    message_bytes: Sequence[bytes],
+    matcher: str,
+    memo: dict[bytes, bytes] | None = None,
+) -> tuple[list[bytes], list[bytes]]:
+    """``(D, M)``: ``D[i]`` the digest of ``messages[:i]`` (``i`` in ``0..L``), ``M[i]``
+    the digest of ``messages[i]``. ``memo`` maps a stored message's bytes to its
+    digest: a message sent again byte for byte (nearly all of a request) costs
+    a dictionary lookup, not a key and a hash over its content."""
+    paths = [ROOT_DIGEST]
+    digests = []
+    path = ROOT_DIGEST
+    get = memo.get if memo is not None else None
+    for message, text in zip(messages, message_bytes, strict=True):
+        digest = get(text) if get is not None else None
+        if digest is None:
+            digest = message_digest(message, matcher)
+        digests.append(digest)
+        path = blake2b(path + digest, digest_size=DIGEST_SIZE).digest()
+        paths.append(path)
+    return paths, digests
 
 
 def attach(index: dict[bytes, int], digests: Sequence[bytes]) -> tuple[int, int]:

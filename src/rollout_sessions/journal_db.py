@@ -222,6 +222,7 @@ def node_head(write: NodeWrite, matcher: str) -> bytes:
             matcher,
             write.digest.hex(),
             [i for i, _ in write.overrides],
+            b"".join(write.message_digests).hex(),
         ]
     )
 
@@ -236,8 +237,9 @@ def node_write(row: tuple[Any, ...]) -> tuple[NodeWrite, str]:
     _id, head, rest, messages, suffix = row
     (
         parent, seen, common, prompt_len, end, flags, cut, done, arrived,
-        finish, response_id, weight_version, cached, matcher, digest, override_at,
+        finish, response_id, weight_version, cached, matcher, digest, override_at, ones,
     ) = orjson.loads(head)  # fmt: skip
+    ones = bytes.fromhex(ones)
     texts = unframe(messages)
     n_delta = len(texts) - len(override_at)
     tokens = array(TOKEN_TYPECODE)
@@ -262,6 +264,7 @@ def node_write(row: tuple[Any, ...]) -> tuple[NodeWrite, str]:
         weight_version=weight_version,
         cached_tokens=cached,
         digest=bytes.fromhex(digest),
+        message_digests=tuple(ones[i : i + 16] for i in range(0, len(ones), 16)),
     )
     return write, matcher
 

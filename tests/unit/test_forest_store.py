@@ -31,9 +31,11 @@ def add(
     matcher: str = "strict",
 ) -> int:
     """A turn as the chat turn records it: attach, then commit under the attach node."""
-    digests = rules.prefix_digests(messages, matcher)
+    message_bytes = [orjson.dumps(m) for m in messages]
+    digests, ones = rules.prefix_digests(messages, message_bytes, matcher, forest.memo)
     parent, matched = rules.attach(forest.index, digests)
     assistant = {"role": "assistant", "content": reply}
+    own = rules.message_digest(assistant, matcher)
     answer = orjson.dumps({"id": f"r-{reply}", "choices": [{"prompt_token_ids": None}]})
     cut = answer.index(b"null")
     answer = answer[:cut] + answer[cut + 4 :]
@@ -41,7 +43,7 @@ def add(
         parent=parent,
         seen=forest.n_nodes if seen is None else seen,
         matched=matched,
-        message_bytes=[orjson.dumps(m) for m in messages],
+        message_bytes=message_bytes,
         assistant=orjson.dumps(assistant),
         rest=b'"model":"m"',
         flags=WITH_INPUT_IDS,
@@ -55,9 +57,14 @@ def add(
         response_id=f"r-{reply}",
         weight_version=None,
         cached_tokens=None,
-        digest=rules.chain(digests[-1], assistant, matcher),
+        digest=rules.chain(digests[-1], own),
+        message_digests=[*ones, own],
     )
     return forest.apply(write)
+
+
+def digests_of(messages: list[dict], memo: dict | None = None) -> list[bytes]:
+    return rules.prefix_digests(messages, [orjson.dumps(m) for m in messages], "strict", memo)[0]
 
 
 def assistant(text: str) -> dict:
@@ -95,12 +102,12 @@ def test_attach_is_the_deepest_prefix_and_the_latest_at_equal_depth() -> None:
     assert (n0, n1, twin) == (0, 1, 2)
     assert forest.parents.tolist() == [-1, 0, 0]
     request = [SYS, USER, assistant("a0"), USER, assistant("a1"), USER]
-    assert rules.attach(forest.index, rules.prefix_digests(request, "strict")) == (2, 5)
+    assert rules.attach(forest.index, digests_of(request)) == (2, 5)
     # a prefix that ends inside a node's delta attaches above it
     partial = [SYS, USER, assistant("a0"), {"role": "user", "content": "other"}]
-    assert rules.attach(forest.index, rules.prefix_digests(partial, "strict")) == (0, 3)
+    assert rules.attach(forest.index, digests_of(partial)) == (0, 3)
     # nothing matches: a new root
-    assert rules.attach(forest.index, rules.prefix_digests([USER], "strict")) == (-1, 0)
+    assert rules.attach(forest.index, digests_of([USER])) == (-1, 0)
 
 
 # -- the store --------------------------------------------------------------------
@@ -200,8 +207,24 @@ def test_tree_samples_concatenate_kept_leaves_with_offsets_and_masks() -> None:
 @pytest.mark.parametrize("matcher", rules.MATCHERS)
 def test_prefix_digests_chain_like_node_digests(matcher: str) -> None:
     messages = [SYS, USER, assistant("x")]
-    digests = rules.prefix_digests(messages, matcher)
+    digests, _ = rules.prefix_digests(messages, [orjson.dumps(m) for m in messages], matcher)
     chained = rules.ROOT_DIGEST
     for i, message in enumerate(messages):
-        chained = rules.chain(chained, message, matcher)
+        chained = rules.chain(chained, rules.message_digest(message, matcher))
         assert digests[i + 1] == chained
+
+
+def test_the_memo_is_a_cache_only() -> None:
+    forest = Forest()
+    add(forest, [SYS, USER], "a0", [1], [2])
+    request = [SYS, USER, assistant("a0"), USER]
+    assert len(forest.memo) == 3  # the root's messages, each once
+    assert digests_of(request, forest.memo) == digests_of(request)
+    # a stale entry could only come from another matcher: reindex rebuilds it
+    forest.reindex("role_content_only")
+    assert (
+        digests_of(request, None)
+        != rules.prefix_digests(
+            request, [orjson.dumps(m) for m in request], "role_content_only", forest.memo
+        )[0]
+    )
