@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING
 import orjson
 from blacksheep import Application, Request, Response
 from blacksheep.server.openapi.v3 import OpenAPIHandler
-from safetensors.numpy import save
 
 from rollout_sessions import errors
 from rollout_sessions.forest_api import tree_export
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
-from rollout_sessions.samples import linear_samples, parse_body
+from rollout_sessions.samples import linear_samples, parse_body, safetensors_bytes
 from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
 from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, read_body, whole
@@ -90,7 +89,7 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             body = orjson.dumps({**{k: v.tolist() for k, v in arrays.items()}, "metadata": meta})
             return Response(200, None, whole(JSON_TYPE, body))
         text_meta = {k: v if type(v) is str else orjson.dumps(v).decode() for k, v in meta.items()}
-        return Response(200, None, whole(SAFETENSORS_TYPE, save(arrays, metadata=text_meta)))
+        return Response(200, None, whole(SAFETENSORS_TYPE, safetensors_bytes(arrays, text_meta)))
 
     ep = document(
         docs,

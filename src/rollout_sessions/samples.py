@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 import simdjson
 import zstandard
 
@@ -135,28 +136,27 @@ def replay_rows(value: Any, rows: int, where: str) -> np.ndarray:
 
 
 class _Builder:
-    """Samples appended one by one, concatenated at the end."""
+    """The samples' metadata and routing-replay rows, one sample at a time."""
 
     def __init__(self, req: SamplesRequest) -> None:
         self.req = req
-        self.tokens: list[np.ndarray] = []
-        self.masks: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
         self.replays: dict[str, list[tuple[int, np.ndarray | None]]] = {k: [] for k in REPLAY_KEYS}
         self.samples: list[dict[str, Any]] = []
 
+    def kept_length(self, length: int) -> int:
+        limit = self.req.max_seq_len
+        return length if limit is None else min(length, limit)
+
     def add(
         self,
-        tokens: np.ndarray,
-        mask: np.ndarray,
-        values: np.ndarray,
+        length: int,
         turns: list[list[int]],
         infos: list[TurnInfo],
         leaf: int | None,
         path: list[int] | None,
     ) -> None:
+        """A sample of ``length`` tokens (before ``max_seq_len``)."""
         req = self.req
-        length = len(tokens)
         meta: dict[str, Any] = {
             "leaf": leaf,
             "path": path,
@@ -164,40 +164,27 @@ class _Builder:
             "length": length,
             "truncated": False,
         }
-        limit = req.max_seq_len
-        if limit is not None and length > limit:
-            meta.update(truncated=True, original_length=length, length=limit)
-            tokens, mask, values = tokens[:limit], mask[:limit], values[:limit]
-            meta["turns"] = [[a, min(b, limit)] for a, b in turns if a < limit]
+        kept = self.kept_length(length)
+        if kept < length:
+            meta.update(truncated=True, original_length=length, length=kept)
+            meta["turns"] = [[a, min(b, kept)] for a, b in turns if a < kept]
         meta["finish_reasons"] = [i.finish_reason for i in infos]
         meta["weight_versions"] = [i.weight_version for i in infos]
         meta["cached_tokens"] = [i.cached_tokens for i in infos]
         meta["reward"] = req.reward
         self.samples.append({**req.metadata, **meta})
-        self.tokens.append(tokens)
-        self.masks.append(mask)
-        self.values.append(values)
         last = infos[-1].replay if infos else {}
-        rows = max(length - 1, 0)
+        rows = max(kept - 1, 0)
         for key in REPLAY_KEYS:
             payload = last.get(key)
-            kept = len(tokens) - 1 if len(tokens) else 0
             if payload is None:
-                self.replays[key].append((kept, None))
+                self.replays[key].append((rows, None))
             else:
                 where = f"meta_info.{key} of sample {len(self.samples) - 1}"
-                self.replays[key].append((kept, replay_rows(payload, rows, where)[:kept]))
+                self.replays[key].append((rows, replay_rows(payload, length - 1, where)[:rows]))
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        offsets = np.zeros(len(self.tokens) + 1, dtype=np.int64)
-        if self.tokens:
-            np.cumsum([len(t) for t in self.tokens], out=offsets[1:])
-        out = {
-            "tokens": _concat(self.tokens, np.int32),
-            "loss_mask": _concat(self.masks, np.uint8),
-            "rollout_log_probs": _concat(self.values, np.float32),
-            "offsets": offsets,
-        }
+    def replay_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
         for key, parts in self.replays.items():
             widths = {p.shape[1] for _, p in parts if p is not None}
             if not widths:
@@ -211,10 +198,6 @@ class _Builder:
                 [p if p is not None else np.zeros((rows, width), np.int32) for rows, p in parts]
             )
         return out
-
-
-def _concat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def linear_samples(
@@ -238,8 +221,16 @@ def linear_samples(
             )
             for k in range(traj.num_turns)
         ]
-        builder.add(tokens, mask, values, turns, infos, None, None)
-    arrays = builder.arrays()
+        builder.add(len(tokens), turns, infos, None, None)
+        kept = builder.kept_length(len(tokens))
+        tokens, mask, values = tokens[:kept], mask[:kept], values[:kept]
+    else:
+        tokens = np.zeros(0, dtype=np.int32)
+        mask = np.zeros(0, dtype=np.uint8)
+        values = np.zeros(0, dtype=np.float32)
+    offsets = np.array([0, len(tokens)] if builder.samples else [0], dtype=np.int64)
+    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": values, "offsets": offsets}
+    arrays.update(builder.replay_arrays())
     meta: dict[str, Any] = {"session_id": session_id}
     if builder.samples:
         only = builder.samples[0]
@@ -263,29 +254,66 @@ def tree_samples(
     logprobs: list[array] | None = None,
     answers: dict[int, bytes] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """One sample per kept leaf of the first ``n`` nodes (``answers``: the
-    compressed answers of the nodes whose info is read, when the journal keeps them)."""
+    """One sample per kept leaf of the first ``n`` nodes (``logprobs``: per node,
+    when the journal keeps them; ``answers``: the compressed answers of the nodes
+    whose payloads are read, likewise).
+
+    The arrays are allocated once at their total size and each sample's path
+    is written into them node by node (a node's suffix at its ``common``):
+    no per-sample copy, no concatenation.
+    """
     builder = _Builder(req)
+    kept: list[int] = []
     if forest is not None and n:
         parents = forest.parents[:n]
         kept = forest_rules.pick(picker, parents, forest.seen[:n], active)
+    lengths = [builder.kept_length(forest.ends[leaf]) for leaf in kept]  # type: ignore[union-attr]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    if kept:
+        np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    tokens = np.empty(total, dtype=np.int32)
+    mask = np.zeros(total, dtype=np.uint8)
+    values = np.zeros(total, dtype=np.float32)
+    if kept:
+        assert forest is not None
         paths = [forest_rules.path(parents, leaf) for leaf in kept]
-        for leaf, path, trained in zip(kept, paths, forest_rules.train_once(paths), strict=True):
-            tokens_arr, spans = forest.path_arrays(path, None)
-            tokens = np.frombuffer(tokens_arr, dtype=np.int32)
-            mask = np.zeros(len(tokens), dtype=np.uint8)
-            values = np.zeros(len(tokens), dtype=np.float32)
+        source = np.frombuffer(forest.tokens, dtype=np.int32)
+        lp_all = np.frombuffer(forest.logprobs, dtype=np.float32) if logprobs is None else None
+        commons, ends, starts = forest.commons, forest.ends, forest.tok_starts
+        prompt_lens, lp_starts = forest.prompt_lens, forest.lp_starts
+        trained = forest_rules.train_once(paths)
+        for i, (leaf, path) in enumerate(zip(kept, paths, strict=True)):
+            base, length = int(offsets[i]), lengths[i]
+            for node in path:  # later nodes overwrite from their common
+                a, b = commons[node], min(ends[node], length)
+                if b > a:
+                    start = starts[node]
+                    tokens[base + a : base + b] = source[start : start + b - a]
+            # A completion is in the sample up to the lowest common of the nodes after it.
+            stops = [0] * len(path)
+            floor = ends[leaf]
+            for j in range(len(path) - 1, -1, -1):
+                node = path[j]
+                stops[j] = min(ends[node], floor)
+                floor = min(floor, commons[node])
             turns = []
-            for (node, start, stop), train in zip(spans, trained, strict=True):
-                start = min(start, stop)
+            for j, node in enumerate(path):
+                stop = stops[j]
+                start = min(prompt_lens[node], stop)
                 turns.append([start, stop])
-                if train and stop > start:
-                    mask[start:stop] = 1
-                    source = np.frombuffer(forest.logprobs_of(node, logprobs), dtype=np.float32)
-                    values[start:stop] = source[: stop - start]
+                b = min(stop, length)
+                if trained[i][j] and b > start:
+                    mask[base + start : base + b] = 1
+                    if lp_all is not None:
+                        lp = lp_all[lp_starts[node] : lp_starts[node] + b - start]
+                    else:
+                        lp = np.frombuffer(logprobs[node], dtype=np.float32)[: b - start]  # type: ignore[index]
+                    values[base + start : base + b] = lp
             infos = [_node_info(forest, node, node == leaf, answers) for node in path]
-            builder.add(tokens, mask, values, turns, infos, leaf, path)
-    arrays = builder.arrays()
+            builder.add(ends[leaf], turns, infos, leaf, path)
+    arrays = {"tokens": tokens, "loss_mask": mask, "rollout_log_probs": values, "offsets": offsets}
+    arrays.update(builder.replay_arrays())
     return arrays, {"session_id": session_id, "samples": builder.samples}
 
 
@@ -296,3 +324,38 @@ def _node_info(forest: Forest, node: int, last: bool, answers: dict[int, bytes] 
         if compressed is not None:
             info.replay = turn_info(compressed, forest.cuts[node], True).replay
     return info
+
+
+_DTYPES = {
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.float32): "F32",
+}
+
+
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """``arrays`` in the safetensors format, written in one join.
+
+    The format is a little-endian u64 header length, a JSON header (each
+    tensor's dtype, shape and byte range; ``__metadata__``), padded with
+    spaces to 8 bytes, then the tensors' bytes back to back. Writing it here
+    copies each array once; ``safetensors.numpy.save`` copied a large export
+    (tens of MiB) several times over.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    parts: list[Any] = []
+    at = 0
+    for name, values in arrays.items():
+        values = np.ascontiguousarray(values)
+        size = values.nbytes
+        header[name] = {
+            "dtype": _DTYPES[values.dtype],
+            "shape": list(values.shape),
+            "data_offsets": [at, at + size],
+        }
+        parts.append(memoryview(values).cast("B") if size else b"")
+        at += size
+    text = orjson.dumps(header)
+    text += b" " * (-len(text) % 8)
+    return b"".join([len(text).to_bytes(8, "little"), text, *parts])
