@@ -240,6 +240,7 @@ class CheckedAnswer:
     cut: int  # where that value goes back
     assistant: bytes  # the generated message, as the store keeps messages
     client: Response  # what the client gets (routing-replay payloads removed)
+    extras: tuple[Any, Any, Any, bool] | None = None  # store.TurnWrite.extras
 
 
 def _checked(
@@ -266,8 +267,16 @@ def _checked(
     except ApiError:
         state.metrics.upstream_errors.inc("malformed")
         raise
+    _, finish, weight_version, cached = parsed.extras
     return CheckedAnswer(
-        parsed.prompt_ids, parsed.completion_ids, parsed.logprobs, answer, cut, assistant, client
+        parsed.prompt_ids,
+        parsed.completion_ids,
+        parsed.logprobs,
+        answer,
+        cut,
+        assistant,
+        client,
+        (finish, weight_version, cached, parsed.replay),
     )
 
 
@@ -321,6 +330,7 @@ async def _record(
         answer=checked.answer,
         cut=checked.cut,
         timestamps=(time.time(), turn.arrived),
+        extras=checked.extras,
     )
     journal = state.journal
     if journal is not None:

@@ -30,7 +30,12 @@ from rollout_sessions import errors
 from rollout_sessions.forest_api import tree_export
 from rollout_sessions.openapi import ID_PARAM, document
 from rollout_sessions.registry import DELETED, NEVER_SEEN, validate_id
-from rollout_sessions.samples import linear_samples, parse_body, safetensors_bytes
+from rollout_sessions.samples import (
+    answers_needed,
+    linear_samples,
+    parse_body,
+    safetensors_bytes,
+)
 from rollout_sessions.session import Session
 from rollout_sessions.store import Trajectory
 from rollout_sessions.web import JSON_TYPE, endpoint, id_checked, read_body, whole
@@ -44,9 +49,9 @@ SAMPLES_PATH = "/samples"
 
 async def _read(
     state: AppState, sid: str, session: Session
-) -> tuple[Trajectory, list[array] | None, list[bytes] | None]:
+) -> tuple[Trajectory, list[array] | None, dict[int, bytes] | None]:
     """The trajectory (a snapshot) and, when the journal keeps them, its logprobs
-    and answers."""
+    and the answers the export must read (``samples.answers_needed``)."""
     journal = state.journal
     async with session.lock:  # no turn of this session is being written meanwhile
         traj = session.trajectory
@@ -55,8 +60,11 @@ async def _read(
         snapshot = traj.snapshot()
         key = state.registry.key_of(sid)
         pending = journal.logprobs(key)
-        pending_answers = journal.answers(key)
-    return snapshot, await pending, await pending_answers
+        needed = answers_needed(snapshot)
+        pending_answers = journal.turn_answers(key, needed) if needed else None
+    logprobs = await pending
+    answers = dict(zip(needed, await pending_answers, strict=True)) if needed else None
+    return snapshot, logprobs, answers
 
 
 def _wants_json(request: Request) -> bool:

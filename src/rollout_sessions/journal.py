@@ -403,6 +403,15 @@ class Journal:
 
         return self._submit(run)
 
+    def turn_answers(self, key: bytes, ks: list[int]) -> asyncio.Future:
+        """The compressed answers of a session's turns ``ks``, in that order."""
+
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            query = "SELECT answer FROM turns WHERE key = ? AND k = ?"
+            return [conn.execute(query, (key, k)).fetchone()[0] for k in ks]
+
+        return self._submit(run)
+
     def node_answers(self, key: bytes, ids: list[int] | None = None) -> asyncio.Future:
         """The compressed answers of a session's nodes in id order (or of ``ids``)."""
         if ids is None:

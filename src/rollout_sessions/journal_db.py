@@ -28,7 +28,7 @@ import orjson
 from rollout_sessions import errors
 from rollout_sessions.answer import LOGPROB_TYPECODE, TOKEN_TYPECODE
 from rollout_sessions.forest import NodeWrite
-from rollout_sessions.store import TurnWrite
+from rollout_sessions.store import TurnWrite, _shared
 
 DB_NAME = "journal.sqlite3"
 LOCK_NAME = "LOCK"
@@ -174,15 +174,16 @@ def head_bytes(write: TurnWrite) -> bytes:
             write.cut,
             write.timestamps[0],
             write.timestamps[1],
+            *(write.extras or ()),
         ]
     )
 
 
 def turn_write(row: tuple[Any, ...]) -> TurnWrite:
     k, head, rest, messages, suffix, logprobs_len = row
-    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = orjson.loads(
-        head
-    )
+    fields = orjson.loads(head)
+    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = fields[:9]
+    extras = tuple(fields[9:13]) if len(fields) >= 13 else None  # older rows: not kept
     tokens = array(TOKEN_TYPECODE)
     tokens.frombytes(suffix)
     return TurnWrite(
@@ -200,6 +201,7 @@ def turn_write(row: tuple[Any, ...]) -> TurnWrite:
         cut=cut,
         logprobs=array(LOGPROB_TYPECODE),  # stays on disk
         timestamps=(done, arrived),
+        extras=_shared(extras),  # type: ignore[arg-type]
     )
 
 

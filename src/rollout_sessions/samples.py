@@ -200,12 +200,24 @@ class _Builder:
         return out
 
 
+def answers_needed(traj: Trajectory) -> list[int]:
+    """The turns whose answers the linear export reads: those recorded without
+    their extras (an older journal), and the last one when it has a
+    routing-replay payload."""
+    last = traj.num_turns - 1
+    return [
+        k
+        for k, turn in enumerate(traj.turns)
+        if turn.extras is None or (k == last and turn.extras[3])
+    ]
+
+
 def linear_samples(
     session_id: str,
     traj: Trajectory | None,
     req: SamplesRequest,
     logprobs: list[array] | None = None,
-    answers: list[bytes] | None = None,
+    answers: dict[int, bytes] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The linear trajectory's sample: its arrays and the metadata (the single
     sample's keys at the top level too, as before ``samples`` existed)."""
@@ -213,14 +225,15 @@ def linear_samples(
     if traj is not None and traj.num_turns:
         tokens, mask, values, turns = traj.sample_arrays(logprobs)
         last = traj.num_turns - 1
-        infos = [
-            turn_info(
-                answers[k] if answers is not None else traj.turns[k].answer,  # type: ignore[arg-type]
-                traj.turns[k].cut,
-                with_replay=k == last,
-            )
-            for k in range(traj.num_turns)
-        ]
+        infos = []
+        for k, turn in enumerate(traj.turns):
+            extras = turn.extras
+            if extras is not None and not (k == last and extras[3]):
+                infos.append(TurnInfo(*extras[:3]))
+                continue
+            # Not kept with the turn (an older journal), or a payload to read.
+            answer = answers[k] if answers is not None else turn.answer
+            infos.append(turn_info(answer, turn.cut, with_replay=k == last))  # type: ignore[arg-type]
         builder.add(len(tokens), turns, infos, None, None)
         kept = builder.kept_length(len(tokens))
         tokens, mask, values = tokens[:kept], mask[:kept], values[:kept]
