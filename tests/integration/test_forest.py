@@ -363,3 +363,59 @@ def test_a_restart_with_another_matcher_reindexes_and_modes_do_not_mix(
     with pytest.raises(RuntimeError) as err:
         server_factory("--upstream", echo.url, "--data-dir", data)
     assert "--trajectory tree" in str(err.value)
+
+
+def test_a_stream_with_n_choices_carries_every_choice(tree: ServerProc) -> None:
+    import json
+
+    sid = "forest-stream-n"
+    body = {"messages": [SYS, USER], "n": 3, "stream": True}
+    resp = tree.post(f"/sessions/{sid}/v1/chat/completions", json=body)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert sorted(c["choices"][0]["index"] for c in chunks) == [0, 1, 2]
+    assert len(tree_of(tree, sid)["metadata"]["tree"]["nodes"]) == 3
+
+
+def test_the_documented_trainer_reader(tree: ServerProc) -> None:
+    """The reader of docs/trajectories-tree.md, on a two-leaf tree with R3 payloads."""
+    import json
+
+    import requests
+
+    def read_samples(server: str, sid: str, reward: float) -> list[dict]:
+        raw = requests.post(f"{server}/sessions/{sid}/samples", json={"reward": reward}).content
+        arrays = load(raw)
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        metas = json.loads(header["__metadata__"]["samples"])
+        offsets = arrays["offsets"]
+        samples = []
+        for i, meta in enumerate(metas):
+            start, stop = offsets[i], offsets[i + 1]
+            sample = {
+                name: arrays[name][start:stop]
+                for name in ("tokens", "loss_mask", "rollout_log_probs")
+            }
+            if "rollout_routed_experts" in arrays:  # one row per token but the last
+                rows = arrays["rollout_routed_experts"]
+                sample["routed_experts"] = rows[start - i : stop - i - 1]
+            samples.append({**sample, "reward": meta["reward"], "meta": meta})
+        return samples
+
+    sid = "forest-reader"
+    replay = {"replay_width": 2}
+    first = chat(tree, sid, [SYS, USER], echo=replay)["choices"][0]["message"]
+    chat(tree, sid, [SYS, USER, first, {"role": "user", "content": "a"}], echo=replay, n=2)
+    samples = read_samples(tree.url, sid, 2.0)
+    assert [s["meta"]["leaf"] for s in samples] == [1, 2]
+    for s in samples:
+        assert s["reward"] == 2.0
+        tokens = s["tokens"]
+        assert (s["routed_experts"][:, 0] == tokens[:-1] % 64).all()
+    # node 0's completion is trained in the first sample only
+    start, stop = samples[1]["meta"]["turns"][0]
+    assert not samples[1]["loss_mask"][start:stop].any()
+    assert samples[0]["loss_mask"][start:stop].all()
