@@ -102,14 +102,16 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
     ep = document(
         docs,
         endpoint(state, "POST", "/sessions/{id}" + SAMPLES_PATH, samples),
-        summary="The trajectory as a training sample",
-        description="safetensors (`tokens` int32, `loss_mask` uint8, `rollout_log_probs` "
-        "float32, metadata) or JSON with `Accept: application/json`. Body `{}` or "
-        '`{"max_seq_len": n}`.',
+        summary="The session's training samples",
+        description="One sample of the trajectory (linear mode) or one per kept leaf (tree "
+        "mode): safetensors (`tokens` int32, `loss_mask` uint8, `rollout_log_probs` float32, "
+        "`offsets` int64, routing-replay arrays when recorded; metadata) or JSON with "
+        '`Accept: application/json`. Body `{}` or any of `{"max_seq_len": n, "reward": x, '
+        '"metadata": {...}}`.',
         tags=["sessions"],
         parameters=ID_PARAM,
         responses={
-            200: "the sample; a never-seen id gives an empty one",
+            200: "the samples; a never-seen id gives none",
             400: "invalid id or body",
             404: "the id was deleted",
         },

@@ -210,7 +210,7 @@ class Forest:
         return b"".join(parts)
 
     def records(
-        self, path: str, nodes: list[int], answers: list[bytes] | None, tagged: bool
+        self, path: str, nodes: list[int], answers: dict[int, bytes] | None, tagged: bool
     ) -> Iterator[bytes]:
         """The records of ``nodes``; ``tagged``: each with ``node_id`` and ``parent`` first."""
         for k in nodes:

@@ -42,15 +42,19 @@ async def get_tree(state: AppState, sid: str, session: Session, request: Request
     forest = session.traj
     every = _wants_all(request)
     journal = state.journal
+    answers: dict[int, bytes] | None = None
     if forest is None:
-        n, active, answers = 0, -1, None
+        n, active = 0, -1
     elif journal is None:
-        n, active, answers = forest.n_nodes, forest.active, None  # type: ignore[union-attr]
+        n, active = forest.n_nodes, forest.active  # type: ignore[union-attr]
     else:
         async with session.lock:
             n, active = forest.n_nodes, forest.active  # type: ignore[union-attr]
-            pending = journal.node_answers(state.registry.key_of(sid))
-        answers = await pending
+            # every node's answer, or the active path's only
+            wanted = None if every else forest_rules.path(forest.parents, active)  # type: ignore[union-attr]
+            pending = journal.node_answers(state.registry.key_of(sid), wanted)
+        got = await pending
+        answers = dict(zip(range(n) if wanted is None else wanted, got, strict=True))
     assert forest is None or isinstance(forest, Forest)
     if forest is None or n == 0:
         tree = {"nodes": [], "leaves": [], "active_leaf": None}
