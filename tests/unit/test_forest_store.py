@@ -228,3 +228,57 @@ def test_the_memo_is_a_cache_only() -> None:
             request, [orjson.dumps(m) for m in request], "role_content_only", forest.memo
         )[0]
     )
+
+
+def test_a_node_row_round_trips_with_its_overrides_and_digests() -> None:
+    from rollout_sessions.journal_db import node_head, node_messages, node_write
+
+    forest = Forest()
+    add(forest, [SYS, USER], "a0", [1], [2])
+    resent = {"role": "assistant", "content": "a0", "refusal": None}
+    messages = [SYS, USER, resent, USER]
+    message_bytes = [orjson.dumps(m) for m in messages]
+    digests, ones = rules.prefix_digests(messages, message_bytes, "strict", forest.memo)
+    parent, matched = rules.attach(forest.index, digests)
+    own = rules.message_digest(assistant("a1"), "strict")
+    write = forest.prepare(
+        parent=parent, seen=1, matched=matched, message_bytes=message_bytes,
+        assistant=orjson.dumps(assistant("a1")), rest=b"", flags=WITH_INPUT_IDS,
+        prompt=ids(1, 2, 3), completion=ids(4), logprobs=array("f", [-1.0]), answer=b"{}",
+        cut=1, timestamps=(2.0, 1.0), finish_reason="length", response_id="r",
+        weight_version={"v": 1}, cached_tokens=7, digest=rules.chain(digests[-1], own),
+        message_digests=[*ones, own],
+    )  # fmt: skip
+    assert write.overrides == ((2, message_bytes[2]),)
+    row = (1, node_head(write, "strict"), write.rest, node_messages(write), write.suffix.tobytes())
+    back, matcher = node_write(row)
+    assert matcher == "strict"
+    for field in ("parent", "seen", "messages", "overrides", "common", "suffix", "prompt_len",
+                  "end", "flags", "cut", "timestamps", "finish_reason", "response_id",
+                  "weight_version", "cached_tokens", "digest", "message_digests"):  # fmt: skip
+        assert getattr(back, field) == getattr(write, field), field
+    replayed = Forest()
+    replayed.apply(node_write((0, *_row_of(forest, 0)))[0], keep_answer=False)
+    replayed.apply(back, keep_answer=False)
+    assert replayed.index == {**forest.index, write.digest: 1}
+    assert replayed.request_messages(1) == message_bytes
+
+
+def _row_of(forest: Forest, k: int) -> tuple:
+    """Node k of ``forest`` as a journal row (the head, rest, messages, suffix)."""
+    from rollout_sessions.forest import NodeWrite
+    from rollout_sessions.journal_db import node_head, node_messages
+
+    start, stop = forest.msg_starts[k], forest.msg_starts[k + 1]
+    write = NodeWrite(
+        parent=forest.parents[k], seen=forest.seen[k], messages=tuple(forest.messages[start:stop]),
+        overrides=forest.overrides.get(k, ()), common=forest.commons[k], suffix=forest.suffix(k),
+        prompt_len=forest.prompt_lens[k], end=forest.ends[k], rest=forest.rests[k],
+        flags=forest.flags[k], answer=b"", cut=forest.cuts[k], logprobs=array("f"),
+        timestamps=(forest.times[2 * k], forest.times[2 * k + 1]),
+        finish_reason=forest.finish[k], response_id=forest.response_ids[k],
+        weight_version=forest.weight_versions[k], cached_tokens=forest.cached[k],
+        digest=forest.digests[k],
+        message_digests=tuple(forest.memo[m] for m in forest.messages[start:stop]),
+    )  # fmt: skip
+    return node_head(write, "strict"), write.rest, node_messages(write), write.suffix.tobytes()
