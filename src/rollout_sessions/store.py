@@ -377,16 +377,17 @@ class Trajectory:
         return tokens, mask, out, spans
 
 
-_EXTRAS: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+_EXTRAS: dict[tuple[Any, ...], Any] = {}
 
 
 def _shared(extras: tuple[Any, Any, Any, bool] | None) -> tuple[Any, Any, Any, bool] | None:
     """One object per distinct value (nearly every turn says the same: a few
     finish reasons, one weight version), so a turn keeps a reference only."""
-    if extras is None:
-        return None
+    if extras is None or len(_EXTRAS) >= 4096:
+        return extras
+    key = tuple((type(v), v) for v in extras)  # 1, 1.0 and True are equal, not alike
     try:
-        return _EXTRAS.setdefault(extras, extras) if len(_EXTRAS) < 4096 else extras  # type: ignore[return-value]
+        return _EXTRAS.setdefault(key, extras)
     except TypeError:  # an unhashable value (a JSON object as weight_version)
         return extras
 
