@@ -168,15 +168,15 @@ def one_round(proc: psutil.Process, url: str, workload: str, a: argparse.Namespa
     return out
 
 
-def kept_memory(name: str, argv: Any, workload: str, a: argparse.Namespace) -> dict[str, Any]:
+def kept_memory(
+    name: str, argv: Any, workload: str, a: argparse.Namespace, sessions: int
+) -> dict[str, Any]:
     with started_process(name, argv) as server:
         proc = psutil.Process(server.pid)
         warm = asyncio.run(run_load(server.url, workload, a.concurrency, 0, 32, a.tool_words))
         time.sleep(1.0)
         before = rss_bytes(proc)
-        out = asyncio.run(
-            run_load(server.url, workload, a.concurrency, 0, a.keep_sessions, a.tool_words)
-        )
+        out = asyncio.run(run_load(server.url, workload, a.concurrency, 0, sessions, a.tool_words))
         time.sleep(1.0)
         after = rss_bytes(proc)
     per_turn = (after - before) / max(1, out["turns"])
@@ -271,9 +271,12 @@ def main() -> None:
             }
             for name, rs in runs.items()
         }
+        # As many turns kept on each (RSS moves by a few MiB on its own: compare
+        # like amounts).
+        linear_sessions = a.keep_sessions * NODES_PER_BRANCHY_SESSION // a.turns
         res["branchy_memory"] = {
-            "linear": kept_memory("linear", argvs["linear"], "linear", a),
-            "tree": kept_memory("tree", argvs["tree"], "branchy", a),
+            "linear": kept_memory("linear", argvs["linear"], "linear", a, linear_sessions),
+            "tree": kept_memory("tree", argvs["tree"], "branchy", a, a.keep_sessions),
         }
     speed = res["branchy"]["tree"]["turns_per_s"] / res["branchy"]["linear"]["turns_per_s"]
     mem = res["branchy_memory"]

@@ -277,17 +277,19 @@ class Forest:
         cached_tokens: Any,
         digest: bytes,
         message_digests: list[bytes],
+        base: array | None = None,
     ) -> NodeWrite:
         """A node under ``parent`` (-1: a root) whose path holds the request's first
         ``matched`` messages. ``message_digests``: of the request's messages and
-        its own (``forest_rules``). Pure."""
+        its own (``forest_rules``); ``base``: the parent's path tokens, when the
+        caller has them. Pure."""
         checkpoint = prompt + completion
         if parent >= 0:
             stored = self.path_messages(parent)
             overrides = tuple(
                 (i, message_bytes[i]) for i in range(matched) if message_bytes[i] != stored[i]
             )
-            common = _common_prefix(self.path_tokens(parent), checkpoint)
+            common = _common_prefix(self.path_tokens(parent) if base is None else base, checkpoint)
             delta = (*message_bytes[matched:], assistant)
             delta_digests = tuple(message_digests[matched:])
         else:

@@ -331,6 +331,7 @@ async def _record(
                 cached_tokens=cached,
                 digest=forest_rules.chain(request_digest, own),
                 message_digests=[*digests[1], own],
+                base=base if node_parent >= 0 else None,
             )
         )
     journal = state.journal

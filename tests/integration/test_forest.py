@@ -419,3 +419,22 @@ def test_the_documented_trainer_reader(tree: ServerProc) -> None:
     start, stop = samples[1]["meta"]["turns"][0]
     assert not samples[1]["loss_mask"][start:stop].any()
     assert samples[0]["loss_mask"][start:stop].all()
+
+
+def test_a_full_journal_is_507_and_the_forest_is_unchanged(
+    server_factory: Any, echo: ManagedProcess, tmp_path: Any
+) -> None:
+    srv = server_factory(
+        "--upstream", echo.url, "--trajectory", "tree", "--data-dir", str(tmp_path / "d"),
+        "--journal-max-bytes", str(1 << 20),
+    )  # fmt: skip
+    sid = "forest-full"
+    first = chat(srv, sid, [SYS, USER])["choices"][0]["message"]
+    before = tree_of(srv, sid, "?records=all")
+    huge = [SYS, USER, first, {"role": "tool", "content": "y" * (3 << 20)}]
+    resp = srv.post(f"/sessions/{sid}/v1/chat/completions", json={"messages": huge, "n": 2})
+    assert resp.status_code == 507 and resp.json()["error"].startswith("journal full")
+    assert tree_of(srv, sid, "?records=all") == before
+    # the session goes on: the next node is number 1
+    chat(srv, sid, [SYS, USER, first, {"role": "tool", "content": "small"}])
+    assert [n["id"] for n in tree_of(srv, sid)["metadata"]["tree"]["nodes"]] == [0, 1]
