@@ -224,6 +224,30 @@ class Journal:
             raise JournalError(self._cannot_start(exc)) from None
         self.mint_reserved = reserved
 
+    def read_turn_answers(self, key: bytes) -> list[bytes]:
+        """At start-up: the compressed answers of a session's turns, in order."""
+        rows = self._conn.execute("SELECT answer FROM turns WHERE key = ? ORDER BY k", (key,))
+        return [row[0] for row in rows]
+
+    def turns_to_nodes(self, key: bytes, writes: list[NodeWrite], matcher: str) -> None:
+        """At start-up: a session's turns rewritten as nodes (tree mode taking over
+        a session recorded in linear mode); answers and logprobs move as they are."""
+        with self._conn:
+            for k, write in enumerate(writes):
+                self._conn.execute(
+                    "INSERT INTO nodes SELECT key, k, ?, ?, ?, ?, answer, logprobs "
+                    "FROM turns WHERE key = ? AND k = ?",
+                    (
+                        node_head(write, matcher),
+                        write.rest,
+                        node_messages(write),
+                        write.suffix.tobytes(),
+                        key,
+                        k,
+                    ),
+                )
+            self._conn.execute("DELETE FROM turns WHERE key = ?", (key,))
+
     def _cannot_start(self, exc: BaseException) -> str:
         if api_error(exc).status == 507:
             return (

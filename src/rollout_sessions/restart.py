@@ -68,7 +68,8 @@ def _restore(settings: Settings, journal: Journal, restored: Restored) -> tuple[
         writes = restored.turns.get(key)
         nodes = restored.nodes.get(key)
         if nodes or (writes and settings.trajectory == "tree"):  # a forest: forest_restore
-            session.traj = restore_forest(settings, sid, writes, nodes)  # type: ignore[assignment]
+            forest = restore_forest(settings, sid, writes, nodes, journal, key)
+            session.traj = forest  # type: ignore[assignment]
         elif writes:
             traj = session.traj = Trajectory()
             for write in writes:

@@ -84,6 +84,7 @@ class TurnInfo:
     weight_version: Any = None
     cached_tokens: Any = None
     replay: dict[str, Any] = field(default_factory=dict)  # REPLAY_KEYS present in meta_info
+    response_id: Any = None
 
 
 def turn_info(compressed: bytes, cut: int, with_replay: bool) -> TurnInfo:
@@ -94,6 +95,7 @@ def turn_info(compressed: bytes, cut: int, with_replay: bool) -> TurnInfo:
     text = _decompressor.decompress(compressed)
     doc = simdjson.Parser().parse(b"".join((text[:cut], b"[]", text[cut:])))
     info = TurnInfo()
+    info.response_id = _plain(doc.get("id"))
     try:
         choice = doc["choices"][0]
     except (KeyError, IndexError, TypeError):

@@ -438,3 +438,31 @@ def test_a_full_journal_is_507_and_the_forest_is_unchanged(
     # the session goes on: the next node is number 1
     chat(srv, sid, [SYS, USER, first, {"role": "tool", "content": "small"}])
     assert [n["id"] for n in tree_of(srv, sid)["metadata"]["tree"]["nodes"]] == [0, 1]
+
+
+def test_tree_mode_takes_over_a_journal_of_linear_sessions(
+    server_factory: Any, echo: ManagedProcess, tmp_path: Any
+) -> None:
+    data = ("--upstream", echo.url, "--data-dir", str(tmp_path / "d"))
+    linear = server_factory(*data)
+    sid = "forest-was-linear"
+    messages = agent(linear, sid, 3)
+    before = tree_of(linear, sid)
+    before_samples = samples(linear, sid)
+    linear.proc.send_signal(signal.SIGKILL)
+    linear.proc.wait(10)
+    tree = server_factory(*data, "--trajectory", "tree")
+    after = tree_of(tree, sid)
+    assert after["records"] == before["records"]
+    assert after["metadata"]["accumulated_token_ids"] == before["metadata"]["accumulated_token_ids"]
+    assert [n["parent"] for n in after["metadata"]["tree"]["nodes"]] == [None, 0, 1]
+    ids = [r["response"]["id"] for r in before["records"]]
+    assert [n["response_id"] for n in after["metadata"]["tree"]["nodes"]] == ids
+    converted = samples(tree, sid)
+    for name in ("tokens", "loss_mask", "rollout_log_probs"):
+        assert converted[name] == before_samples[name], name
+    chat(tree, sid, messages, tools=TOOLS, echo={"tool_rounds": 99})
+    assert tree_of(tree, sid)["metadata"]["tree"]["nodes"][3]["parent"] == 2
+    tree.cleanup()
+    again = server_factory(*data, "--trajectory", "tree")  # now nodes on disk
+    assert len(tree_of(again, sid)["metadata"]["tree"]["nodes"]) == 4
