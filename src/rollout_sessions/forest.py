@@ -184,14 +184,30 @@ class Forest:
     def truncated(self, k: int) -> bool:
         return self.finish[k] == "length"
 
-    def record(self, k: int, path: str, answer: bytes | None = None) -> bytes:
+    def record(
+        self,
+        k: int,
+        path: str,
+        answer: bytes | None = None,
+        tokens: array | None = None,
+        messages: list[bytes] | None = None,
+    ) -> bytes:
         """Node k's record as JSON, rebuilt byte for byte (the linear store's shape;
-        ``answer``: the compressed answer when the journal keeps it)."""
-        prompt = ids_json(self.path_tokens(k)[: self.prompt_lens[k]])
+        ``answer``: the compressed answer when the journal keeps it; ``tokens``
+        and ``messages``: its path tokens and path messages, when the caller has
+        them)."""
+        if tokens is None:
+            tokens = self.path_tokens(k)
+        if messages is None:
+            messages = self.path_messages(k)
+        prompt = ids_json(tokens[: self.prompt_lens[k]])
         compressed = answer if answer is not None else self.answers[k]
         text = memoryview(_decompressor.decompress(compressed))
         cut = self.cuts[k]
         rest = self.rests[k]
+        request = messages[:-1]  # but its own assistant message
+        for i, own in self.overrides.get(k, ()):
+            request[i] = own
         parts: list[bytes | memoryview] = [
             b'{"timestamp":',
             orjson.dumps(self.times[2 * k]),
@@ -203,7 +219,7 @@ class Forest:
         ]
         if rest:
             parts += [rest, b","]
-        parts += [b'"messages":[', b",".join(self.request_messages(k)), b"]"]
+        parts += [b'"messages":[', b",".join(request), b"]"]
         if self.flags[k] & WITH_INPUT_IDS:
             parts += [b',"input_ids":', prompt]
         parts += [b'},"response":', text[:cut], prompt, text[cut:], b"}"]
@@ -212,15 +228,29 @@ class Forest:
     def records(
         self, path: str, nodes: list[int], answers: dict[int, bytes] | None, tagged: bool
     ) -> Iterator[bytes]:
-        """The records of ``nodes``; ``tagged``: each with ``node_id`` and ``parent`` first."""
+        """The records of ``nodes``; ``tagged``: each with ``node_id`` and ``parent`` first.
+
+        Along a path (each node the child of the one before: the active path)
+        the path tokens and messages are carried from record to record, so
+        reading a path costs what it holds, not its length squared."""
+        tokens: array | None = None
+        messages: list[bytes] | None = None
+        previous = -1
         for k in nodes:
-            record = self.record(k, path, answers[k] if answers is not None else None)
+            parent = self.parents[k]
+            if previous >= 0 and parent == previous and tokens is not None:
+                del tokens[self.commons[k] :]
+                tokens += self.suffix(k)
+                messages = [*messages, *self.delta(k)]  # type: ignore[misc]
+            else:
+                tokens, messages = self.path_tokens(k), self.path_messages(k)
+            previous = k
+            record = self.record(
+                k, path, answers[k] if answers is not None else None, tokens, messages
+            )
             if tagged:
-                parent = self.parents[k]
-                head = b'{"node_id":%d,"parent":%s,' % (
-                    k,
-                    b"null" if parent < 0 else b"%d" % parent,
-                )
+                up = b"null" if parent < 0 else b"%d" % parent
+                head = b'{"node_id":%d,"parent":%s,' % (k, up)
                 record = head + record[1:]
             yield record
 

@@ -449,8 +449,15 @@ class Journal:
             )
 
         def run(conn: sqlite3.Connection) -> list[bytes]:
-            query = "SELECT answer FROM nodes WHERE key = ? AND id = ?"
-            return [conn.execute(query, (key, k)).fetchone()[0] for k in ids]
+            # Few statements (one per node cost the writer a GIL round trip each);
+            # at most 500 ids per statement (SQLite's variable limit may be 999).
+            found: dict[int, bytes] = {}
+            for at in range(0, len(ids), 500):
+                part = ids[at : at + 500]
+                marks = ",".join("?" * len(part))
+                query = f"SELECT id, answer FROM nodes WHERE key = ? AND id IN ({marks})"
+                found.update(conn.execute(query, (key, *part)).fetchall())
+            return [found[k] for k in ids]
 
         return self._submit(run)
 
