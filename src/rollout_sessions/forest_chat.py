@@ -108,8 +108,9 @@ async def tree_turn(
         cap = settings.max_tree_nodes
         if forest.n_nodes + forest.inflight + n > cap:
             raise errors.tree_node_cap(cap, forest.n_nodes, n)
+        hint = forest.path_messages(forest.active) if forest.active >= 0 else ()
         digests = forest_rules.prefix_digests(
-            turn.messages, turn.message_bytes, matcher, forest.memo
+            turn.messages, turn.message_bytes, matcher, forest.memo, hint
         )
         parent, matched = forest_rules.attach(forest.index, digests[0])
         if parent >= 0 and forest.truncated(parent):

@@ -141,17 +141,31 @@ def prefix_digests(
     message_bytes: Sequence[bytes],
     matcher: str,
     memo: dict[bytes, bytes] | None = None,
+    hint: Sequence[bytes] = (),
 ) -> tuple[list[bytes], list[bytes]]:
     """``(D, M)``: ``D[i]`` the digest of ``messages[:i]`` (``i`` in ``0..L``), ``M[i]``
-    the digest of ``messages[i]``. ``memo`` maps a stored message's bytes to its
-    digest: a message sent again byte for byte (nearly all of a request) costs
-    a dictionary lookup, not a key and a hash over its content."""
+    the digest of ``messages[i]``.
+
+    ``memo`` maps a stored message's bytes to its digest: a message sent again
+    byte for byte (nearly all of a request) costs a lookup, not a key and a
+    hash over its content. ``hint``: stored messages (the active path's) the
+    request likely repeats: while it does, each is looked up by the stored
+    object (whose hash Python keeps) after a byte comparison, so the
+    request's own bytes are not even hashed.
+    """
     paths = [ROOT_DIGEST]
     digests = []
     path = ROOT_DIGEST
     get = memo.get if memo is not None else None
-    for message, text in zip(messages, message_bytes, strict=True):
-        digest = get(text) if get is not None else None
+    same = min(len(hint), len(message_bytes))
+    for i, (message, text) in enumerate(zip(messages, message_bytes, strict=True)):
+        digest = None
+        if get is not None:
+            if i < same and hint[i] == text:
+                digest = get(hint[i])
+            else:
+                same = 0  # diverged from the hint: look the request's bytes up
+                digest = get(text)
         if digest is None:
             digest = message_digest(message, matcher)
         digests.append(digest)

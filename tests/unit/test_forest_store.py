@@ -282,3 +282,18 @@ def _row_of(forest: Forest, k: int) -> tuple:
         message_digests=tuple(forest.memo[m] for m in forest.messages[start:stop]),
     )  # fmt: skip
     return node_head(write, "strict"), write.rest, node_messages(write), write.suffix.tobytes()
+
+
+def test_the_hint_gives_the_same_digests() -> None:
+    forest = Forest()
+    add(forest, [SYS, USER], "a0", [1], [2])
+    request = [SYS, USER, assistant("a0"), USER]
+    fresh = [orjson.dumps(m) for m in request]
+    plain = rules.prefix_digests(request, fresh, "strict", forest.memo)
+    hinted = rules.prefix_digests(request, fresh, "strict", forest.memo, forest.path_messages(0))
+    other = [SYS, {"role": "user", "content": "other"}, assistant("a0")]
+    diverging = rules.prefix_digests(
+        other, [orjson.dumps(m) for m in other], "strict", forest.memo, forest.path_messages(0)
+    )
+    assert hinted == plain
+    assert diverging == rules.prefix_digests(other, [orjson.dumps(m) for m in other], "strict")
