@@ -53,6 +53,10 @@ class Settings:
     sampling_overrides: dict[str, Any] = field(default_factory=dict)
     upstream_routing_header: str | None = "X-SMG-Routing-Key"
     cancel_on_delete: bool = True
+    trajectory: str = "linear"
+    message_matcher: str = "strict"
+    max_tree_nodes: int = 1024
+    sample_picker: str = "drop_retries"
 
 
 class SettingsError(ValueError):
@@ -400,6 +404,33 @@ SPECS: tuple[_Spec, ...] = (
         "on|off",
         "on: DELETE closes the upstream connections of the session's turns in flight (the "
         "backend aborts them) and they answer 404; off: they finish, unrecorded",
+    ),
+    _Spec(
+        "trajectory",
+        _choice("linear", "tree"),
+        "linear|tree",
+        "linear: one trajectory per session (extend, or retry one step back); tree: "
+        "always-branch, a forest of nodes (compaction, deep retries, sub-agents, n > 1)",
+    ),
+    _Spec(
+        "message_matcher",
+        _choice("strict", "loose_tool_call", "role_content_only"),
+        "MATCHER",
+        "tree mode: how a request's messages are matched against a node's path: strict, "
+        "loose_tool_call (tool-call arguments compared as parsed JSON), role_content_only",
+    ),
+    _Spec(
+        "max_tree_nodes",
+        _int_in(1, 1 << 20),
+        "N",
+        "tree mode: nodes per session; a turn past it is refused (409) before any upstream call",
+    ),
+    _Spec(
+        "sample_picker",
+        _choice("drop_retries", "all", "active"),
+        "PICKER",
+        "tree mode: which leaves the samples export keeps: drop_retries (superseded "
+        "attempts dropped), all, active (the active path only)",
     ),
 )
 

@@ -71,6 +71,10 @@ TRIGGERS = {
     "turn_written",
     "session_forgotten",
     "session_supersedes_its_delete",
+    # tree mode's nodes
+    "node_needs_its_session",
+    "node_written",
+    "session_forgotten_nodes",
 }
 
 

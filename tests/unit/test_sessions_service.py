@@ -19,8 +19,8 @@ import pytest
 
 from rollout_sessions.config import Settings
 from rollout_sessions.registry import DELETED, NEVER_SEEN
-from rollout_sessions.sessions.service import CLOSING, RECORDED, STALE, Sessions
-from rollout_sessions.trajectory.store import Trajectory, TurnWrite
+from rollout_sessions.sessions.service import CLOSING, RECORDED, STALE, Change, Sessions
+from rollout_sessions.trajectory.store import Trajectory
 from rollout_sessions.web.errors import ApiError
 
 
@@ -28,11 +28,11 @@ def settings(data: Path, **kw: Any) -> Settings:
     return dataclasses.replace(Settings(), data_dir=str(data), **kw)
 
 
-def turn_of(n: int) -> Callable[[Trajectory], TurnWrite]:
-    """A first turn: prompt [1, 2], completion [n]."""
+def turn_of(n: int, sid: str = "kept") -> Callable[[Trajectory], Change]:
+    """A first turn of ``sid``: prompt [1, 2], completion [n]."""
 
-    def prepare(traj: Trajectory) -> TurnWrite:
-        return traj.prepare(
+    def prepare(traj: Trajectory) -> Change:
+        write = traj.prepare(
             keep=0,
             exact=0,
             message_bytes=[b'{"role":"user","content":"hi"}'],
@@ -46,6 +46,7 @@ def turn_of(n: int) -> Callable[[Trajectory], TurnWrite]:
             cut=len(b'{"choices":[{"prompt_token_ids":'),
             timestamps=(2.0, 1.0),
         )
+        return Sessions.linear_change(sid, traj, write)
 
     return prepare
 
@@ -137,10 +138,10 @@ def test_a_turn_is_not_recorded_for_a_closing_session_or_a_stale_plan() -> None:
 
     async def body() -> None:
         session = sessions.auto_create("auto")
-        assert await sessions.record("auto", session, 0, turn_of(1)) == RECORDED
-        assert await sessions.record("auto", session, 0, turn_of(2)) == STALE
+        assert await sessions.record("auto", session, 0, turn_of(1, "auto")) == RECORDED
+        assert await sessions.record("auto", session, 0, turn_of(2, "auto")) == STALE
         await sessions.delete("auto")
-        assert await sessions.record("auto", session, 1, turn_of(3)) == CLOSING
+        assert await sessions.record("auto", session, 1, turn_of(3, "auto")) == CLOSING
         assert session.traj.num_turns == 1
         with pytest.raises(ApiError) as err:
             sessions.live_for_turn("auto")

@@ -21,6 +21,11 @@ Control fields for tests and demos ride in the request body under ``"echo"``
               "trailing": true,         # with a tokenizer: also the text after the stop token
               "reasoning": "...",       # reasoning_content of the reply
               "replay": true,           # meta_info.routed_experts and indexer_topk
+              "replay_width": 2,        # ...shaped as SGLang sends them: base64 of int32,
+                                        #    one row of this width per token but the last
+              "finish_reason": "length",# the finish reason (meta_info's too)
+              "weight_version": "v3",   # meta_info.weight_version
+              "cached_tokens": 12,      # meta_info.cached_tokens (default 0)
               "logprobs_content": true, # also OpenAI-style choices[0].logprobs.content
               "status": 503,            # answer this status with a JSON error body
               "fault": "no_meta_info" | "no_logprobs" | "content_none" |
@@ -33,6 +38,9 @@ function), ``stop`` (the text is cut before the first stop string, and
 ``matched_stop`` names it) and ``chat_template_kwargs.enable_thinking`` (the
 reply then has ``reasoning_content``).
 
+A request's ``n`` (> 1) is answered with n choices, choice i's text ending in
+`` #i`` for i > 0 (each with its own ``prompt_token_ids`` and ``meta_info``).
+
 Other routes: ``GET /v1/models``, ``POST /v1/completions``, ``/health``,
 ``GET /echo/stats``, ``POST /echo/reset``, ``GET /echo/requests`` (the last
 chat bodies), ``* /echo/status/{code}``; any other request is answered 200
@@ -43,12 +51,14 @@ the generic proxy can be checked end to end.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import json
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 from aiohttp import web
 
@@ -271,6 +281,34 @@ class EchoBackend:
     def _chat_answer(
         self, req: dict[str, Any], messages: list[dict[str, Any]], control: dict, fault: Any
     ) -> dict[str, Any]:
+        n = req.get("n")
+        count = n if type(n) is int and 1 < n <= 64 else 1
+        choices = [self._choice(req, messages, control, fault, i) for i in range(count)]
+        prompt_len = choices[0]["_prompt_len"]
+        completion_len = sum(c.pop("_completion_len") for c in choices)
+        for choice in choices:
+            del choice["_prompt_len"]
+        return {
+            "id": f"chatcmpl-echo-{self._next_id()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": req.get("model") or self.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_len,
+                "completion_tokens": completion_len,
+                "total_tokens": prompt_len + completion_len,
+            },
+        }
+
+    def _choice(
+        self,
+        req: dict[str, Any],
+        messages: list[dict[str, Any]],
+        control: dict,
+        fault: Any,
+        index: int,
+    ) -> dict[str, Any]:
         tools = req.get("tools")
         rounds = control.get("tool_rounds", 1 if tools else 0)
         done = _tool_rounds_done(messages)
@@ -307,8 +345,12 @@ class EchoBackend:
         else:
             text = control.get("text")
             message["content"] = text if isinstance(text, str) else "echo: " + last[:48]
+            if index:
+                message["content"] += f" #{index}"
             finish = "stop"
             message["content"], matched = _stopped(message["content"], req.get("stop"))
+        if isinstance(control.get("finish_reason"), str):
+            finish = control["finish_reason"]
         reasoning = control.get("reasoning")
         kwargs = req.get("chat_template_kwargs")
         if not isinstance(reasoning, str) and isinstance(kwargs, dict):
@@ -344,7 +386,7 @@ class EchoBackend:
         if fault == "bad_prompt_ids":
             prompt = [299, *prompt]
         choice: dict[str, Any] = {
-            "index": 0,
+            "index": index,
             "message": message,
             "logprobs": None,
             "finish_reason": finish,
@@ -359,8 +401,10 @@ class EchoBackend:
                 "finish_reason": {"type": finish},
                 "prompt_tokens": len(prompt),
                 "completion_tokens": len(completion) + (1 if fault == "count_mismatch" else 0),
-                "cached_tokens": 0,
+                "cached_tokens": control.get("cached_tokens", 0),
             }
+            if "weight_version" in control:
+                meta["weight_version"] = control["weight_version"]
             if req.get("logprobs") and fault != "no_logprobs":
                 # Deterministic, finite, non-positive "logprobs".
                 meta["output_token_logprobs"] = [[_logprob(t), t, None] for t in completion]
@@ -376,22 +420,25 @@ class EchoBackend:
                             for t in completion
                         ]
                     }
-            if control.get("replay"):  # routing-replay payloads, as SGLang sends them
+            width = control.get("replay_width")
+            if type(width) is int and width > 0:  # one row per token but the last
+                meta["routed_experts"] = replay_payload(prompt + completion, width, 0)
+                meta["indexer_topk"] = replay_payload(prompt + completion, width, 1)
+            elif control.get("replay"):  # routing-replay payloads, as SGLang sends them
                 meta["routed_experts"] = "AAECAw=="
                 meta["indexer_topk"] = [[4], [5]]
             choice["meta_info"] = meta
-        return {
-            "id": f"chatcmpl-echo-{self._next_id()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": req.get("model") or self.model,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": len(completion),
-                "total_tokens": len(prompt) + len(completion),
-            },
-        }
+        choice["_prompt_len"] = len(prompt)
+        choice["_completion_len"] = len(completion)
+        return choice
+
+
+def replay_payload(tokens: list[int], width: int, salt: int) -> str:
+    """A deterministic routing-replay payload: base64 of int32, ``len(tokens) - 1``
+    rows of ``width`` (row i, column j: ``(tokens[i] + j + salt) % 64``)."""
+    rows = np.asarray(tokens[:-1], dtype=np.int32)[:, None]
+    values = (rows + np.arange(width, dtype=np.int32)[None, :] + salt) % 64
+    return base64.b64encode(values.astype(np.int32).tobytes()).decode()
 
 
 def _named_function(choice: Any) -> str | None:

@@ -6,7 +6,8 @@ names the holder. Tables: ``meta`` (the registry's secrets, the durable mint
 reservation, the instance tag), ``sessions`` (key, id, kind, last write),
 ``turns`` (key, index, and the turn's ``store.TurnWrite``: a small JSON head,
 the rest of the request, the new messages framed, the token suffix, the zstd
-answer, the float32 logprobs) and ``deleted`` (deleted foreign ids, in delete
+answer, the float32 logprobs), ``nodes`` (tree mode: key, node id, and the
+node's ``forest.NodeWrite`` in the same columns) and ``deleted`` (deleted foreign ids, in delete
 order; pruned to the newest ``TOMBSTONE_CAPACITY``). Triggers keep a turn
 one statement and a forgotten session one statement (see ``_SCHEMA``).
 """
@@ -24,7 +25,8 @@ from typing import Any
 
 import orjson
 
-from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TOKEN_TYPECODE, TurnWrite
+from rollout_sessions.trajectory.forest import NodeWrite
+from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TOKEN_TYPECODE, TurnWrite, _shared
 from rollout_sessions.web import errors
 
 DB_NAME = "journal.sqlite3"
@@ -77,6 +79,27 @@ END;
 CREATE TRIGGER IF NOT EXISTS session_forgotten AFTER DELETE ON sessions
 BEGIN
     DELETE FROM turns WHERE key = OLD.key;
+END;
+-- Tree mode: a session's nodes (forest.NodeWrite), by node id. A node is
+-- never replaced: a retry is a new node. Like a turn, one statement.
+CREATE TABLE IF NOT EXISTS nodes (
+    key BLOB NOT NULL, id INTEGER NOT NULL, head BLOB NOT NULL, rest BLOB NOT NULL,
+    messages BLOB NOT NULL, suffix BLOB NOT NULL, answer BLOB NOT NULL, logprobs BLOB NOT NULL,
+    PRIMARY KEY (key, id)
+);
+CREATE TRIGGER IF NOT EXISTS node_needs_its_session BEFORE INSERT ON nodes
+WHEN NOT EXISTS (SELECT 1 FROM sessions WHERE key = NEW.key)
+BEGIN
+    SELECT RAISE(ABORT, 'the session has no row in the journal');
+END;
+CREATE TRIGGER IF NOT EXISTS node_written AFTER INSERT ON nodes
+BEGIN
+    UPDATE sessions SET touched = (julianday('now') - 2440587.5) * 86400.0
+    WHERE key = NEW.key;
+END;
+CREATE TRIGGER IF NOT EXISTS session_forgotten_nodes AFTER DELETE ON sessions
+BEGIN
+    DELETE FROM nodes WHERE key = OLD.key;
 END;
 -- A session created under an id whose delete the tombstone ring has
 -- forgotten supersedes that delete: a restart must bring the session back.
@@ -150,15 +173,16 @@ def head_bytes(write: TurnWrite) -> bytes:
             write.cut,
             write.timestamps[0],
             write.timestamps[1],
+            *(write.extras or ()),
         ]
     )
 
 
 def turn_write(row: tuple[Any, ...]) -> TurnWrite:
     k, head, rest, messages, suffix, logprobs_len = row
-    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = orjson.loads(
-        head
-    )
+    fields = orjson.loads(head)
+    exact, n_messages, common, prompt_len, end, with_input_ids, cut, done, arrived = fields[:9]
+    extras = tuple(fields[9:13]) if len(fields) >= 13 else None  # older rows: not kept
     tokens = array(TOKEN_TYPECODE)
     tokens.frombytes(suffix)
     return TurnWrite(
@@ -176,13 +200,92 @@ def turn_write(row: tuple[Any, ...]) -> TurnWrite:
         cut=cut,
         logprobs=array(LOGPROB_TYPECODE),  # stays on disk
         timestamps=(done, arrived),
+        extras=_shared(extras),  # type: ignore[arg-type]
+    )
+
+
+def node_head(write: NodeWrite, matcher: str) -> bytes:
+    return orjson.dumps(
+        [
+            write.parent,
+            write.seen,
+            write.common,
+            write.prompt_len,
+            write.end,
+            write.flags,
+            write.cut,
+            write.timestamps[0],
+            write.timestamps[1],
+            write.finish_reason,
+            write.response_id,
+            write.weight_version,
+            write.cached_tokens,
+            matcher,
+            write.digest.hex(),
+            [i for i, _ in write.overrides],
+            b"".join(write.message_digests).hex(),
+        ]
+    )
+
+
+def node_messages(write: NodeWrite) -> bytes:
+    """The delta's messages, then the overrides' texts."""
+    return frame((*write.messages, *(text for _, text in write.overrides)))
+
+
+def node_write(row: tuple[Any, ...]) -> tuple[NodeWrite, str]:
+    """A node row (without its answer and logprobs) and the matcher its digest is of."""
+    _id, head, rest, messages, suffix = row
+    (
+        parent, seen, common, prompt_len, end, flags, cut, done, arrived,
+        finish, response_id, weight_version, cached, matcher, digest, override_at, ones,
+    ) = orjson.loads(head)  # fmt: skip
+    ones = bytes.fromhex(ones)
+    texts = unframe(messages)
+    n_delta = len(texts) - len(override_at)
+    tokens = array(TOKEN_TYPECODE)
+    tokens.frombytes(suffix)
+    write = NodeWrite(
+        parent=parent,
+        seen=seen,
+        messages=texts[:n_delta],
+        overrides=tuple(zip(override_at, texts[n_delta:], strict=True)),
+        common=common,
+        suffix=tokens,
+        prompt_len=prompt_len,
+        end=end,
+        rest=rest,
+        flags=flags,
+        answer=b"",  # stays on disk
+        cut=cut,
+        logprobs=array(LOGPROB_TYPECODE),  # stays on disk
+        timestamps=(done, arrived),
+        finish_reason=finish,
+        response_id=response_id,
+        weight_version=weight_version,
+        cached_tokens=cached,
+        digest=bytes.fromhex(digest),
+        message_digests=tuple(ones[i : i + 16] for i in range(0, len(ones), 16)),
+    )
+    return write, matcher
+
+
+def nodes_by_session(conn: sqlite3.Connection) -> Iterator[tuple[bytes, list[tuple]]]:
+    return _grouped(
+        conn.execute("SELECT key, id, head, rest, messages, suffix FROM nodes ORDER BY key, id")
     )
 
 
 def turns_by_session(conn: sqlite3.Connection) -> Iterator[tuple[bytes, list[tuple]]]:
-    rows = conn.execute(
-        "SELECT key, k, head, rest, messages, suffix, length(logprobs) FROM turns ORDER BY key, k"
+    return _grouped(
+        conn.execute(
+            "SELECT key, k, head, rest, messages, suffix, length(logprobs) "
+            "FROM turns ORDER BY key, k"
+        )
     )
+
+
+def _grouped(rows: Iterator[tuple]) -> Iterator[tuple[bytes, list[tuple]]]:
     current: bytes | None = None
     group: list[tuple] = []
     for key, *row in rows:

@@ -73,12 +73,17 @@ from rollout_sessions.journal.db import (
     get_meta,
     head_bytes,
     lock_dir,
+    node_head,
+    node_messages,
+    node_write,
+    nodes_by_session,
     open_db,
     prune_deleted,
     set_meta,
     turn_write,
     turns_by_session,
 )
+from rollout_sessions.trajectory.forest import NodeWrite
 from rollout_sessions.trajectory.store import LOGPROB_TYPECODE, TurnWrite
 from rollout_sessions.web import errors
 
@@ -116,6 +121,8 @@ class Restored:
     sessions: list[tuple[bytes, str, int, float]]  # (key, sid, kind, touched), oldest first
     turns: dict[bytes, list[TurnWrite]] = field(default_factory=dict)
     deleted: list[tuple[bytes, float]] = field(default_factory=list)  # (key, at), oldest first
+    # Tree mode: each session's nodes in id order, with the matcher of their digests.
+    nodes: dict[bytes, list[tuple[NodeWrite, str]]] = field(default_factory=dict)
 
 
 class _Op:
@@ -199,6 +206,8 @@ class Journal:
             done += 1
             if done % 10_000 == 0:
                 progress(done, total)
+        for key, rows in nodes_by_session(conn):
+            restored.nodes[key] = [node_write(row) for row in rows]
         restored.deleted = conn.execute("SELECT key, at FROM deleted ORDER BY rowid").fetchall()
         self._deleted_rows = len(restored.deleted)
         return restored
@@ -215,6 +224,30 @@ class Journal:
         except Exception as exc:
             raise JournalError(self._cannot_start(exc)) from None
         self.mint_reserved = reserved
+
+    def read_turn_answers(self, key: bytes) -> list[bytes]:
+        """At start-up: the compressed answers of a session's turns, in order."""
+        rows = self._conn.execute("SELECT answer FROM turns WHERE key = ? ORDER BY k", (key,))
+        return [row[0] for row in rows]
+
+    def turns_to_nodes(self, key: bytes, writes: list[NodeWrite], matcher: str) -> None:
+        """At start-up: a session's turns rewritten as nodes (tree mode taking over
+        a session recorded in linear mode); answers and logprobs move as they are."""
+        with self._conn:
+            for k, write in enumerate(writes):
+                self._conn.execute(
+                    "INSERT INTO nodes SELECT key, k, ?, ?, ?, ?, answer, logprobs "
+                    "FROM turns WHERE key = ? AND k = ?",
+                    (
+                        node_head(write, matcher),
+                        write.rest,
+                        node_messages(write),
+                        write.suffix.tobytes(),
+                        key,
+                        k,
+                    ),
+                )
+            self._conn.execute("DELETE FROM turns WHERE key = ?", (key,))
 
     def _cannot_start(self, exc: BaseException) -> str:
         if api_error(exc).status == 507:
@@ -289,6 +322,47 @@ class Journal:
 
         return self._submit(run)
 
+    def nodes(
+        self,
+        key: bytes,
+        sid: str,
+        kind: str,
+        writes: list[NodeWrite],
+        matcher: str,
+        has_row: bool,
+        first_id: int,
+    ) -> asyncio.Future:
+        """Nodes recorded by one turn (several for n > 1), in one transaction, with
+        ids from ``first_id``. ``has_row`` as for ``turn``."""
+        now = time.time()
+        compress = self._compressor.compress
+
+        def run(conn: sqlite3.Connection) -> None:
+            if not has_row:
+                conn.execute(
+                    "INSERT INTO sessions VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
+                    (key, sid, KINDS[kind], now),
+                )
+            conn.executemany(
+                "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        key,
+                        first_id + i,
+                        node_head(write, matcher),
+                        write.rest,
+                        node_messages(write),
+                        write.suffix.tobytes(),
+                        compress(write.answer),  # in this thread: zstd lets go of the GIL
+                        write.logprobs.tobytes(),
+                    )
+                    for i, write in enumerate(writes)
+                ],
+            )
+
+        return self._submit(run)
+
     def delete(self, key: bytes, foreign: bool) -> asyncio.Future:
         """A session deleted; a foreign id is remembered for the tombstone ring."""
         now = time.time()
@@ -346,6 +420,55 @@ class Journal:
             out = []
             for (blob,) in conn.execute(
                 "SELECT logprobs FROM turns WHERE key = ? ORDER BY k", (key,)
+            ):
+                values = array(LOGPROB_TYPECODE)
+                values.frombytes(blob)
+                out.append(values)
+            return out
+
+        return self._submit(run)
+
+    def turn_answers(self, key: bytes, ks: list[int]) -> asyncio.Future:
+        """The compressed answers of a session's turns ``ks``, in that order."""
+
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            query = "SELECT answer FROM turns WHERE key = ? AND k = ?"
+            return [conn.execute(query, (key, k)).fetchone()[0] for k in ks]
+
+        return self._submit(run)
+
+    def node_answers(self, key: bytes, ids: list[int] | None = None) -> asyncio.Future:
+        """The compressed answers of a session's nodes in id order (or of ``ids``)."""
+        if ids is None:
+            return self._submit(
+                lambda conn: [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT answer FROM nodes WHERE key = ? ORDER BY id", (key,)
+                    )
+                ]
+            )
+
+        def run(conn: sqlite3.Connection) -> list[bytes]:
+            # Few statements (one per node cost the writer a GIL round trip each);
+            # at most 500 ids per statement (SQLite's variable limit may be 999).
+            found: dict[int, bytes] = {}
+            for at in range(0, len(ids), 500):
+                part = ids[at : at + 500]
+                marks = ",".join("?" * len(part))
+                query = f"SELECT id, answer FROM nodes WHERE key = ? AND id IN ({marks})"
+                found.update(conn.execute(query, (key, *part)).fetchall())
+            return [found[k] for k in ids]
+
+        return self._submit(run)
+
+    def node_logprobs(self, key: bytes) -> asyncio.Future:
+        """The logprobs of a session's nodes, in id order (float32 arrays)."""
+
+        def run(conn: sqlite3.Connection) -> list[array]:
+            out = []
+            for (blob,) in conn.execute(
+                "SELECT logprobs FROM nodes WHERE key = ? ORDER BY id", (key,)
             ):
                 values = array(LOGPROB_TYPECODE)
                 values.frombytes(blob)

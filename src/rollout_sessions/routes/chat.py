@@ -51,10 +51,11 @@ from blacksheep import Application, Request, Response
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions.registry import NEVER_SEEN
+from rollout_sessions.routes.forest_chat import choices_requested, tree_turn
 from rollout_sessions.routes.relay import client_headers, passthrough
-from rollout_sessions.sessions.service import CLOSING
+from rollout_sessions.sessions.service import CLOSING, Change
 from rollout_sessions.trajectory.rules import Plan, plan_turn
-from rollout_sessions.trajectory.store import Trajectory, TurnWrite, cut_prompt_ids, ids_json
+from rollout_sessions.trajectory.store import Trajectory, cut_prompt_ids, ids_json
 from rollout_sessions.upstream.answer import REPLAY_KEYS, ParsedAnswer, parse_answer, sse_body
 from rollout_sessions.upstream.client import Answer
 from rollout_sessions.web import errors
@@ -203,12 +204,15 @@ async def run_turn(
     ``Sessions.live_for_turn``); ``headers`` and ``query`` go upstream with it."""
     sessions = state.sessions
     settings = state.settings
+    n = choices_requested(turn.req, settings.trajectory)  # n > 1 only in tree mode
     tito = state.tito
     first_ids = None
     if session is NEVER_SEEN:
         if tito is not None:  # rendered before creating: a template error creates nothing
             first_ids = _first_turn_ids(tito, turn)
         session = sessions.auto_create(session_id)
+    if settings.trajectory == "tree":  # always-branch: forest_chat
+        return await tree_turn(state, session_id, session, turn, n, first_ids, headers, query)
 
     plan, base, last_assistant = await _planned(session, session_id, turn, settings)
     input_ids = None
@@ -231,12 +235,12 @@ async def run_turn(
         state.metrics.upstream_errors.inc("malformed")
         raise errors.upstream_prompt_short(len(checked.prompt_ids), len(base))
 
-    def prepare(traj: Trajectory) -> TurnWrite | str:
+    def prepare(traj: Trajectory) -> Change | str:
         # With TITO the prompt was built on the checkpoint and the upstream echoed
         # it: the prefix holds by construction.
         if base is not None and input_ids is None and not is_prefix(base, checked):
             return CHECKPOINT_MISMATCH
-        return traj.prepare(
+        write = traj.prepare(
             keep=plan.keep,
             exact=plan.exact,
             message_bytes=turn.message_bytes,
@@ -249,7 +253,9 @@ async def run_turn(
             answer=checked.answer,
             cut=checked.cut,
             timestamps=(time.time(), turn.arrived),
+            extras=checked.extras,
         )
+        return sessions.linear_change(session_id, traj, write)
 
     outcome = await sessions.record(session_id, session, plan.version, prepare)
     state.metrics.chat_turns.inc(outcome)
@@ -378,6 +384,7 @@ class CheckedAnswer:
     cut: int  # where that value goes back
     assistant: bytes  # the generated message, as the store keeps messages
     client: Response  # what the client gets (routing-replay payloads removed)
+    extras: tuple[Any, Any, Any, bool] | None = None  # store.TurnWrite.extras
 
 
 def _checked(
@@ -404,8 +411,16 @@ def _checked(
     except ApiError:
         state.metrics.upstream_errors.inc("malformed")
         raise
+    _, finish, weight_version, cached = parsed.extras
     return CheckedAnswer(
-        parsed.prompt_ids, parsed.completion_ids, parsed.logprobs, answer, cut, assistant, client
+        parsed.prompt_ids,
+        parsed.completion_ids,
+        parsed.logprobs,
+        answer,
+        cut,
+        assistant,
+        client,
+        (finish, weight_version, cached, parsed.replay),
     )
 
 

@@ -22,6 +22,7 @@ from blacksheep import Application, Request, Response, StreamedContent
 from blacksheep.server.openapi.v3 import OpenAPIHandler
 
 from rollout_sessions.registry import DELETED, NEVER_SEEN
+from rollout_sessions.routes.forest_api import get_tree
 from rollout_sessions.sessions.session import empty_snapshot, metadata
 from rollout_sessions.tito import check as tito_check
 from rollout_sessions.web import errors
@@ -66,6 +67,8 @@ def add_routes(app: Application, docs: OpenAPIHandler, state: AppState) -> None:
             return json_response(empty_snapshot(sid))
         if session is DELETED:
             raise errors.session_not_found(sid)
+        if settings.trajectory == "tree":  # a forest: forest_api
+            return await get_tree(state, sid, session, request)
         traj, answers = await sessions.read(sid, session)
         head = b'{"session_id":%s,"records":[' % orjson.dumps(sid)
         extra = await tito_check.metadata_entry(state.tito, traj) if check else None  # type: ignore[arg-type]

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from rollout_sessions.config import Settings
 from rollout_sessions.journal.writer import Journal, JournalError, Restored
 from rollout_sessions.registry import CREATED, DELETED, LIVE, NEVER_SEEN, Registry, validate_id
+from rollout_sessions.sessions.forest_restore import restore_forest
 from rollout_sessions.sessions.session import Session
+from rollout_sessions.trajectory.forest import Forest, NodeWrite
 from rollout_sessions.trajectory.store import Trajectory, TurnWrite
 from rollout_sessions.upstream.controls import InFlight
 from rollout_sessions.web import errors
@@ -41,6 +44,17 @@ from rollout_sessions.web.errors import ApiError
 log = logging.getLogger("rollout_sessions")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A prepared change of a session's trajectory: its journal write (queued,
+    returning the commit's future) and how memory applies it once committed
+    (``keep_answer``: no journal keeps the answers)."""
+
+    write: Callable[[Journal, bytes], Awaitable[Any]]
+    apply: Callable[[bool], None]
+
 
 # What ``record`` answers: the turn was recorded, or why not.
 RECORDED = "recorded"
@@ -86,7 +100,8 @@ class Sessions:
             "journal %s: %d sessions (%d turns) and %d deleted ids restored in %.2fs",
             settings.data_dir,
             sessions,
-            sum(len(w) for w in restored.turns.values()),
+            sum(len(w) for w in restored.turns.values())
+            + sum(len(w) for w in restored.nodes.values()),
             len(restored.deleted),
             time.monotonic() - started,
         )
@@ -192,34 +207,79 @@ class Sessions:
         self,
         sid: str,
         session: Session,
-        version: int,
-        prepare: Callable[[Trajectory], TurnWrite | str],
+        version: int | None,
+        prepare: Callable[[Any], Change | str],
     ) -> str:
-        """Record a turn planned on the store's ``version``: ``RECORDED``, or why not
-        (``CLOSING``, ``STALE``, or what ``prepare`` answered instead of a write).
+        """Record a turn: ``RECORDED``, or why not (``CLOSING``, ``STALE``, or what
+        ``prepare`` answered instead of a change).
 
         Under the session lock: a session deleted, closing or expired during the
-        upstream call records nothing, nor does a plan another turn overtook;
-        ``prepare`` (no awaits) builds the write from the store; the journal
-        commits it before the store applies it.
+        upstream call records nothing, nor does a plan made on another
+        ``version`` of the store (None: tree mode, where concurrent turns are
+        siblings); ``prepare(trajectory)`` (no awaits) builds the change
+        (``linear_change``, ``forest_change``); the journal commits it before
+        memory applies it.
         """
         async with session.lock:
             if session.closing or self.registry.lookup(sid) is not session:
                 # (The lookup also counts the turn's end as activity.)
                 return CLOSING
-            traj = session.trajectory
-            if traj.version != version:
+            traj = session.traj if session.traj is not None else session.trajectory
+            if version is not None and traj.version != version:
                 return STALE
-            write = prepare(traj)
-            if type(write) is str:
-                return write
+            change = prepare(traj)
+            if type(change) is str:
+                return change
             journal = self.journal
             if journal is not None:
-                # A committed turn (version > 0) means the session's row is written.
-                key = self.registry.key_of(sid)
-                await journal.turn(key, sid, "auto", write, has_row=traj.version > 0)
-            traj.apply(write, keep_answer=journal is None)
+                await change.write(journal, self.registry.key_of(sid))
+            change.apply(journal is None)
         return RECORDED
+
+    @staticmethod
+    def linear_change(sid: str, traj: Trajectory, write: TurnWrite) -> Change:
+        """A linear turn, as ``record`` commits it."""
+        has_row = traj.version > 0  # a committed turn means the session's row is written
+        return Change(
+            lambda journal, key: journal.turn(key, sid, "auto", write, has_row),
+            lambda keep_answer: traj.apply(write, keep_answer=keep_answer),
+        )
+
+    @staticmethod
+    def forest_change(sid: str, forest: Forest, writes: list[NodeWrite], matcher: str) -> Change:
+        """The nodes of a tree-mode turn (one a choice), as ``record`` commits them."""
+        has_row, n_nodes = forest.n_nodes > 0, forest.n_nodes
+
+        def apply(keep_answer: bool) -> None:
+            for write in writes:
+                forest.apply(write, keep_answer=keep_answer)
+
+        return Change(
+            lambda journal, key: journal.nodes(key, sid, "auto", writes, matcher, has_row, n_nodes),
+            apply,
+        )
+
+    async def snapshot(
+        self,
+        sid: str,
+        session: Session,
+        take: Callable[[Any], T],
+        reads: Callable[[Journal, bytes, T], list[Any]] | None = None,
+    ) -> tuple[T, list[Any] | None]:
+        """``take(trajectory)`` under the session lock, and, with the journal on,
+        the journal reads ``reads(journal, key, snapshot)`` queues (futures, or
+        None), their results once committed: the reads are queued while the lock
+        is held, so they see exactly the turns of the snapshot (a turn holds the
+        lock until its write is committed)."""
+        journal = self.journal
+        async with session.lock:
+            snap = take(session.traj)
+            pending = None
+            if journal is not None and reads is not None:
+                pending = reads(journal, self.registry.key_of(sid), snap)
+        if pending is None:
+            return snap, None
+        return snap, [await p if p is not None else None for p in pending]
 
     async def read(
         self, sid: str, session: Session
@@ -227,26 +287,16 @@ class Sessions:
         """A snapshot of the trajectory, and its answers when the journal keeps them."""
         if session.traj is None:
             return None, None
-        journal = self.journal
-        if journal is None:
+        if self.journal is None:
             return session.traj.snapshot(), None
-        async with session.lock:  # the read sees exactly the snapshot's turns
-            traj = session.traj
-            snapshot = traj.snapshot() if traj is not None else None
-            pending = journal.answers(self.registry.key_of(sid))
-        return snapshot, await pending
+        snap, read = await self.snapshot(
+            sid, session, _take, lambda journal, key, _: [journal.answers(key)]
+        )
+        return snap, read[0] if read is not None else None
 
-    async def read_with_logprobs(self, sid: str, session: Session) -> tuple[Trajectory, Any]:
-        """A snapshot of the trajectory and its logprobs (from the journal when it keeps
-        them: a list of float32 arrays, one a turn; else in the snapshot, None)."""
-        journal = self.journal
-        async with session.lock:
-            traj = session.trajectory
-            if journal is None:
-                return traj.snapshot_with_logprobs(), None
-            snapshot = traj.snapshot()
-            pending = journal.logprobs(self.registry.key_of(sid))
-        return snapshot, await pending
+
+def _take(traj: Trajectory | None) -> Trajectory | None:
+    return traj.snapshot() if traj is not None else None
 
 
 def id_checked(op: Callable[..., T], session_id: str, *args: Any) -> T:
@@ -275,7 +325,10 @@ def _restore(settings: Settings, journal: Journal, restored: Restored) -> tuple[
             continue
         session = Session()
         writes = restored.turns.get(key)
-        if writes:
+        nodes = restored.nodes.get(key)
+        if nodes or (writes and settings.trajectory == "tree"):  # a forest
+            session.traj = restore_forest(settings, sid, writes, nodes, journal, key)  # type: ignore[assignment]
+        elif writes:
             traj = session.traj = Trajectory()
             for write in writes:
                 traj.apply(write, keep_answer=False)

@@ -109,6 +109,9 @@ class TurnWrite:
     cut: int
     logprobs: array  # float32, of its completion
     timestamps: tuple[float, float]  # (recorded, arrived)
+    # (finish_reason, weight_version, cached_tokens, has a routing-replay payload):
+    # what the samples export reads of the answer, without decompressing it
+    extras: tuple[Any, Any, Any, bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class Turn:
     stable: int = -1  # how much of its checkpoint is still in tokens (end until overwritten)
     tail: array | None = None  # its checkpoint's tokens past `stable`, once overwritten
     own_messages: list[bytes] | None = None  # its messages, once the store's were rewritten
+    extras: tuple[Any, Any, Any, bool] | None = None  # TurnWrite.extras (None: not known)
 
 
 class Trajectory:
@@ -252,6 +256,7 @@ class Trajectory:
         answer: bytes,
         cut: int,
         timestamps: tuple[float, float],
+        extras: tuple[Any, Any, Any, bool] | None = None,
     ) -> TurnWrite:
         """A turn on top of the first ``keep`` turns (the rest rolled back), as a
         write that ``apply`` carries out and the journal can replay. Pure.
@@ -279,6 +284,7 @@ class Trajectory:
             cut=cut,
             logprobs=logprobs,
             timestamps=timestamps,
+            extras=_shared(extras),
         )
 
     def apply(self, write: TurnWrite, keep_answer: bool = True) -> None:
@@ -309,6 +315,7 @@ class Trajectory:
                 answer=answer,
                 cut=write.cut,
                 logprob_start=len(self.logprobs),
+                extras=write.extras,
             )
         )
         if keep_answer:
@@ -379,6 +386,21 @@ class Trajectory:
             out[start:stop] = source[: stop - start]
             spans.append([start, stop])
         return tokens, mask, out, spans
+
+
+_EXTRAS: dict[tuple[Any, ...], Any] = {}
+
+
+def _shared(extras: tuple[Any, Any, Any, bool] | None) -> tuple[Any, Any, Any, bool] | None:
+    """One object per distinct value (nearly every turn says the same: a few
+    finish reasons, one weight version), so a turn keeps a reference only."""
+    if extras is None or len(_EXTRAS) >= 4096:
+        return extras
+    key = tuple((type(v), v) for v in extras)  # 1, 1.0 and True are equal, not alike
+    try:
+        return _EXTRAS.setdefault(key, extras)
+    except TypeError:  # an unhashable value (a JSON object as weight_version)
+        return extras
 
 
 def _common_prefix(a: array, b: array) -> int:

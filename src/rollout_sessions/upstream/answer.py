@@ -70,6 +70,7 @@ class ParsedAnswer:
         "logprobs",
         "replay",
         "finish",
+        "extras",
         "_response",
     )
 
@@ -83,6 +84,7 @@ class ParsedAnswer:
         replay: bool,  # a choice's meta_info holds a REPLAY_KEYS payload
         response: dict[str, Any] | None = None,
         finish: tuple[Any, Any] = (None, None),
+        extras: tuple[Any, Any, Any, Any] = (None, None, None, None),
     ) -> None:
         self.raw = raw
         self.message = message
@@ -93,6 +95,9 @@ class ParsedAnswer:
         # choices[0]'s finish_reason and the stop it matched (SGLang's
         # matched_stop, vLLM's stop_reason), as sent: read, never validated.
         self.finish = finish
+        # (id, choices[0].finish_reason, meta_info.weight_version,
+        # meta_info.cached_tokens): what a trajectory node keeps of the answer
+        self.extras = extras
         self._response = response
 
     @property
@@ -246,8 +251,32 @@ def _parse_fast(raw: bytes) -> ParsedAnswer | None:
     message = _message(message)  # the defects in _parse_full's order
     pairs = read_pairs(entries.mini, count, MAX_TOKEN_ID) if count == len(entries) else None
     completion, logprobs = pairs or _completion(entries.as_list(), count)
-    finish = _finish(choice)
-    return ParsedAnswer(raw, message, prompt_ids, completion, logprobs, replay, finish=finish)
+    extras = (
+        _scalar(doc.get("id")),
+        _finish_reason(_scalar(choice.get("finish_reason")), meta.get("finish_reason")),
+        _scalar(meta.get("weight_version")),
+        _scalar(meta.get("cached_tokens")),
+    )
+    return ParsedAnswer(
+        raw, message, prompt_ids, completion, logprobs, replay, None, _finish(choice), extras
+    )
+
+
+def _scalar(value: Any) -> Any:
+    """A JSON scalar as is; an object or array (not expected here) as Python objects."""
+    if type(value) is _SimdObject:
+        return value.as_dict()
+    if type(value) is _SimdArray:
+        return value.as_list()
+    return value
+
+
+def _finish_reason(value: Any, meta_reason: Any) -> Any:
+    """``choices[0].finish_reason``, else SGLang's ``meta_info.finish_reason.type``."""
+    if value is None and meta_reason is not None:
+        if type(meta_reason) is _SimdObject or type(meta_reason) is dict:
+            return _scalar(meta_reason.get("type"))
+    return value
 
 
 def _finish(choice: Any) -> tuple[Any, Any]:
@@ -323,8 +352,14 @@ def _parse_full(raw: bytes) -> ParsedAnswer:
         and any(key in other["meta_info"] for key in REPLAY_KEYS)
         for other in choices
     )
+    extras = (
+        response.get("id"),
+        _finish_reason(choice.get("finish_reason"), meta.get("finish_reason")),
+        meta.get("weight_version"),
+        meta.get("cached_tokens"),
+    )
     return ParsedAnswer(
-        raw, message, prompt_ids, completion, logprobs, replay, response, _finish(choice)
+        raw, message, prompt_ids, completion, logprobs, replay, response, _finish(choice), extras
     )
 
 

@@ -184,3 +184,19 @@ def upstream_too_large(limit: int) -> ApiError:
 
 def proxy_path_refused(path: str) -> ApiError:
     return ApiError(400, f"refused proxy path {path!r}: it would leave the upstream base")
+
+
+def truncated_not_extendable(node: int) -> ApiError:
+    return ApiError(
+        409,
+        f"truncated generation cannot be extended: node {node} ended with "
+        f"finish_reason=length; retry from an earlier point or start again",
+    )
+
+
+def tree_node_cap(cap: int, nodes: int, asked: int) -> ApiError:
+    return ApiError(
+        409,
+        f"tree node cap reached: MAX_TREE_NODES={cap} (the session has {nodes} nodes, "
+        f"the turn would add {asked}); nothing was forwarded",
+    )
