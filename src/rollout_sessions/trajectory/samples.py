@@ -250,10 +250,10 @@ def linear_samples(
     meta: dict[str, Any] = {"session_id": session_id}
     if builder.samples:
         only = builder.samples[0]
-        meta["num_assistant"] = traj.num_turns  # type: ignore[union-attr]
         for key in ("turns", "length", "truncated", "original_length"):
             if key in only:
                 meta[key] = only[key]
+        meta["num_assistant"] = len(meta["turns"])  # the turns the sample holds (after a cut)
     else:
         meta.update(num_assistant=0, turns=[], length=0, truncated=False)
     meta["samples"] = builder.samples
