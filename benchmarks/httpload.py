@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from rollout_sessions.routes.chat import FORCED_FLAGS
+from rollout_sessions.routes.turn import FORCED_FLAGS
 from rollout_sessions.testing.client import chat_path, check_loopback
 
 __all__ = ["HttpClient", "HttpError", "check_loopback", "percentile"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from storekit import answer_json
 
-from rollout_sessions.routes.chat import ChatRequest, _checked
+from rollout_sessions.routes.turn import ChatRequest, checked_answer
 
 COMPLETION = list(range(800))
 
@@ -39,7 +39,7 @@ def test_a_checked_answer_keeps_none_of_the_parsed_answer() -> None:
     raw = answer_json(list(range(300)), COMPLETION, {"role": "assistant", "content": "w " * 800})
     turn = ChatRequest(b'{"messages":[{"role":"user","content":"hi"}]}', 0.0)
     state: Any = None  # only read for the metrics of a malformed answer
-    checked = _checked(state, turn, raw, None)
+    checked = checked_answer(state, turn, raw, None)
     assert list(checked.completion_ids) == COMPLETION
     assert len(checked.logprobs) == len(COMPLETION)
     # The parsed answer alone is more than 800 lists (one per completion token).

@@ -29,6 +29,19 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from blacksheep import Response
 
+from rollout_sessions.routes.turn import (
+    SSE_HEADERS,
+    SSE_TYPE,
+    ChatRequest,
+    CheckedAnswer,
+    ask_cancellable,
+    ask_upstream,
+    client_answer,
+    first_difference,
+    first_turn_ids,
+    is_prefix,
+    without_replay,
+)
 from rollout_sessions.sessions.service import CLOSING, Change
 from rollout_sessions.trajectory import forest_rules
 from rollout_sessions.trajectory.forest import (
@@ -53,7 +66,6 @@ from rollout_sessions.web.endpoints import whole
 from rollout_sessions.web.errors import ApiError
 
 if TYPE_CHECKING:
-    from rollout_sessions.routes.chat import ChatRequest
     from rollout_sessions.sessions.session import Session
     from rollout_sessions.web.state import AppState
 
@@ -100,8 +112,6 @@ async def tree_turn(
     headers: list[tuple[str, str]],
     query: str,
 ) -> Response:
-    from rollout_sessions.routes.chat import _ask_cancellable, _ask_upstream, _first_turn_ids
-
     settings = state.settings
     tito = state.tito
     matcher = settings.message_matcher
@@ -140,7 +150,7 @@ async def tree_turn(
         input_ids = None
         if tito is not None:
             if base is None:
-                input_ids = first_ids if first_ids is not None else _first_turn_ids(tito, turn)
+                input_ids = first_ids if first_ids is not None else first_turn_ids(tito, turn)
             else:
                 input_ids = tito.next_turn(
                     base,
@@ -152,15 +162,15 @@ async def tree_turn(
                 )
         inflight = state.sessions.inflight
         if inflight is None:
-            answer = await _ask_upstream(state, turn, input_ids, headers, query, session_id)
+            answer = await ask_upstream(state, turn, input_ids, headers, query, session_id)
         else:
-            answer = await _ask_cancellable(
+            answer = await ask_cancellable(
                 state, inflight, session, session_id, turn, input_ids, headers, query
             )
         if answer.status != 200:
             state.metrics.chat_turns.inc("upstream_status")
             return turn.upstream_refused(answer)
-        choices, client = _checked(state, turn, answer.body, input_ids, n)
+        choices, client = checked_answer(state, turn, answer.body, input_ids, n)
 
         def prepare(traj: Any) -> Change | str:
             return _prepare(
@@ -178,13 +188,11 @@ async def tree_turn(
     return client
 
 
-def _checked(
+def checked_answer(
     state: AppState, turn: ChatRequest, raw: bytes, input_ids: array | None, n: int
 ) -> tuple[list[Choice], Response]:
     """Every choice validated (with TITO, its prompt the ``input_ids`` sent), and
     what the client gets, before any lock."""
-    from rollout_sessions.routes.chat import _client_answer, _first_difference
-
     try:
         parsed = parse_answer(raw)
         try:
@@ -194,9 +202,9 @@ def _checked(
                     raise errors.upstream_ignored_input_ids(
                         len(input_ids),
                         len(choice.prompt_ids),
-                        _first_difference(input_ids, choice.prompt_ids),
+                        first_difference(input_ids, choice.prompt_ids),
                     )
-            client = _client(turn, parsed, _client_answer)
+            client = _client(turn, parsed, client_answer)
         except orjson.JSONEncodeError as exc:
             raise errors.upstream_malformed(f"the answer cannot be written again ({exc})") from None
     except ApiError:
@@ -272,9 +280,7 @@ def _client(turn: ChatRequest, parsed: ParsedAnswer, single: Any) -> Response:
     """What the client gets: every choice (routing-replay payloads removed)."""
     if not turn.stream or len(parsed.response["choices"]) == 1:
         return single(turn, parsed)
-    from rollout_sessions.routes.chat import _SSE_HEADERS, SSE_TYPE, _without_replay
-
-    response = _without_replay(parsed.response)
+    response = without_replay(parsed.response)
     events = []
     for i, choice in enumerate(response["choices"]):
         body = sse_body({**response, "choices": [choice]})
@@ -282,7 +288,7 @@ def _client(turn: ChatRequest, parsed: ParsedAnswer, single: Any) -> Response:
         chunk["choices"][0]["index"] = i
         events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
-    return Response(200, list(_SSE_HEADERS), whole(SSE_TYPE, b"".join(events)))
+    return Response(200, list(SSE_HEADERS), whole(SSE_TYPE, b"".join(events)))
 
 
 def _prepare(
@@ -300,8 +306,6 @@ def _prepare(
     base: array | None,
 ) -> str:
     """Step 4, under the lock (``Sessions.record``): each choice a node, or why not."""
-    from rollout_sessions.routes.chat import CheckedAnswer, is_prefix
-
     if traj is not forest:
         return CLOSING
     matcher = state.settings.message_matcher

@@ -45,9 +45,9 @@ from rollout_sessions.routes.anthropic_wire import (
     to_message,
     upstream_message,
 )
-from rollout_sessions.routes.chat import ChatRequest
 from rollout_sessions.routes.forward import TurnRoute
 from rollout_sessions.routes.relay import client_headers
+from rollout_sessions.routes.turn import ChatRequest
 from rollout_sessions.trajectory.rules import _norm
 from rollout_sessions.trajectory.store import Trajectory
 from rollout_sessions.upstream.answer import ParsedAnswer
@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rollout_sessions")
 
 SSE_TYPE = b"text/event-stream"
-_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 # Request headers that stay here: the client's credentials and Anthropic's own.
 _NOT_UPSTREAM = ("authorization", "x-api-key")
 
@@ -104,7 +104,7 @@ class MessagesTurn(ChatRequest):
     def client_answer(self, parsed: ParsedAnswer) -> Response:
         message = to_message(parsed, self.model, self.stops)
         if self.stream:
-            return Response(200, list(_SSE_HEADERS), whole(SSE_TYPE, sse_events(message)))
+            return Response(200, list(SSE_HEADERS), whole(SSE_TYPE, sse_events(message)))
         return Response(200, None, whole(JSON_TYPE, orjson.dumps(message)))
 
     def upstream_refused(self, answer: Answer) -> Response:

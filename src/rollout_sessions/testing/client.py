@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from rollout_sessions.routes.chat import FORCED_FLAGS
+from rollout_sessions.routes.turn import FORCED_FLAGS
 from rollout_sessions.web.routing import CHAT_PATH
 
 
