@@ -416,17 +416,8 @@ class Journal:
     def logprobs(self, key: bytes) -> asyncio.Future:
         """The logprobs of a session's turns, in order (a list of float32 arrays)."""
 
-        def run(conn: sqlite3.Connection) -> list[array]:
-            out = []
-            for (blob,) in conn.execute(
-                "SELECT logprobs FROM turns WHERE key = ? ORDER BY k", (key,)
-            ):
-                values = array(LOGPROB_TYPECODE)
-                values.frombytes(blob)
-                out.append(values)
-            return out
-
-        return self._submit(run)
+        query = "SELECT logprobs FROM turns WHERE key = ? ORDER BY k"
+        return self._submit(lambda conn: _logprobs(conn, query, key))
 
     def turn_answers(self, key: bytes, ks: list[int]) -> asyncio.Future:
         """The compressed answers of a session's turns ``ks``, in that order."""
@@ -465,17 +456,11 @@ class Journal:
     def node_logprobs(self, key: bytes) -> asyncio.Future:
         """The logprobs of a session's nodes, in id order (float32 arrays)."""
 
-        def run(conn: sqlite3.Connection) -> list[array]:
-            out = []
-            for (blob,) in conn.execute(
-                "SELECT logprobs FROM nodes WHERE key = ? ORDER BY id", (key,)
-            ):
-                values = array(LOGPROB_TYPECODE)
-                values.frombytes(blob)
-                out.append(values)
-            return out
-
-        return self._submit(run)
+        return self._submit(
+            lambda conn: _logprobs(
+                conn, "SELECT logprobs FROM nodes WHERE key = ? ORDER BY id", key
+            )
+        )
 
     def disk_bytes(self) -> int:
         return sum(
@@ -720,6 +705,16 @@ class Checkpointer:
         except sqlite3.Error as exc:
             log.warning("journal checkpoint failed: %s", exc)
             return None
+
+
+def _logprobs(conn: sqlite3.Connection, query: str, key: bytes) -> list[array]:
+    """Each row's float32 logprobs blob, as an array."""
+    out = []
+    for (blob,) in conn.execute(query, (key,)):
+        values = array(LOGPROB_TYPECODE)
+        values.frombytes(blob)
+        out.append(values)
+    return out
 
 
 def _resolve(results: list[tuple[_Op, Any, BaseException | None]]) -> None:

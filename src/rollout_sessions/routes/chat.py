@@ -53,8 +53,7 @@ from rollout_sessions.routes.relay import client_headers
 from rollout_sessions.routes.turn import (
     ChatRequest,
     CheckedAnswer,
-    ask_cancellable,
-    ask_upstream,
+    ask,
     checked_answer,
     first_difference,
     first_turn_ids,
@@ -122,13 +121,7 @@ async def run_turn(
     input_ids = None
     if tito is not None:
         input_ids = _input_ids(tito, turn, plan, base, last_assistant, first_ids)
-    inflight = sessions.inflight
-    if inflight is None:
-        answer = await ask_upstream(state, turn, input_ids, headers, query, session_id)
-    else:
-        answer = await ask_cancellable(
-            state, inflight, session, session_id, turn, input_ids, headers, query
-        )
+    answer = await ask(state, session, session_id, turn, input_ids, headers, query)
     if answer.status != 200:
         state.metrics.chat_turns.inc("upstream_status")
         return turn.upstream_refused(answer)

@@ -34,8 +34,7 @@ from rollout_sessions.routes.turn import (
     SSE_TYPE,
     ChatRequest,
     CheckedAnswer,
-    ask_cancellable,
-    ask_upstream,
+    ask,
     client_answer,
     first_difference,
     first_turn_ids,
@@ -160,13 +159,7 @@ async def tree_turn(
                     turn.req.get("chat_template_kwargs"),
                     matched,
                 )
-        inflight = state.sessions.inflight
-        if inflight is None:
-            answer = await ask_upstream(state, turn, input_ids, headers, query, session_id)
-        else:
-            answer = await ask_cancellable(
-                state, inflight, session, session_id, turn, input_ids, headers, query
-            )
+        answer = await ask(state, session, session_id, turn, input_ids, headers, query)
         if answer.status != 200:
             state.metrics.chat_turns.inc("upstream_status")
             return turn.upstream_refused(answer)

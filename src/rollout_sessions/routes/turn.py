@@ -139,6 +139,24 @@ def first_turn_ids(tito: Tito, turn: ChatRequest) -> array:
     )
 
 
+async def ask(
+    state: AppState,
+    session: Session,
+    session_id: str,
+    turn: ChatRequest,
+    input_ids: array | None,
+    headers: list[tuple[str, str]],
+    query: str,
+) -> Answer:
+    """Step 3: the upstream call, cancellable by a DELETE with ``CANCEL_ON_DELETE``."""
+    inflight = state.sessions.inflight
+    if inflight is None:
+        return await ask_upstream(state, turn, input_ids, headers, query, session_id)
+    return await ask_cancellable(
+        state, inflight, session, session_id, turn, input_ids, headers, query
+    )
+
+
 async def ask_upstream(
     state: AppState,
     turn: ChatRequest,
