@@ -300,11 +300,7 @@ class Journal:
 
         def run(conn: sqlite3.Connection) -> None:
             if not has_row:
-                conn.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
-                    (key, sid, KINDS[kind], now),
-                )
+                _session_row(conn, key, sid, kind, now)
             # The triggers (journal_db) drop the turns after it and touch the session.
             conn.execute(
                 "INSERT OR REPLACE INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -339,11 +335,7 @@ class Journal:
 
         def run(conn: sqlite3.Connection) -> None:
             if not has_row:
-                conn.execute(
-                    "INSERT INTO sessions VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
-                    (key, sid, KINDS[kind], now),
-                )
+                _session_row(conn, key, sid, kind, now)
             conn.executemany(
                 "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -705,6 +697,15 @@ class Checkpointer:
         except sqlite3.Error as exc:
             log.warning("journal checkpoint failed: %s", exc)
             return None
+
+
+def _session_row(conn: sqlite3.Connection, key: bytes, sid: str, kind: str, now: float) -> None:
+    """An auto-created session's row, written with its first turn."""
+    conn.execute(
+        "INSERT INTO sessions VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET touched = excluded.touched",
+        (key, sid, KINDS[kind], now),
+    )
 
 
 def _logprobs(conn: sqlite3.Connection, query: str, key: bytes) -> list[array]:
