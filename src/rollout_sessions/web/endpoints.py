@@ -10,7 +10,7 @@ import hmac
 import inspect
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from blacksheep import Content, Request, Response, StreamedContent
@@ -23,7 +23,6 @@ from rollout_sessions.web.errors import ApiError
 if TYPE_CHECKING:
     from rollout_sessions.metrics import Metrics
 
-T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
 
 JSON_TYPE = b"application/json"
