@@ -242,6 +242,9 @@ def server_argvs(up: str, a: argparse.Namespace) -> dict[str, Any]:
         # the same command, its package first on the path.
         src = str(Path(a.baseline).resolve() / "src")
         argvs["baseline"] = lambda port: ["env", f"PYTHONPATH={src}", *ours_argv(up)(port)]
+        if a.tokenizer:
+            tito = ours_argv(up, "--tokenizer", a.tokenizer, "--tito-model", "qwen3")
+            argvs["baseline_tito"] = lambda port: ["env", f"PYTHONPATH={src}", *tito(port)]
     return {name: argvs[name] for name in a.targets}
 
 
@@ -264,7 +267,8 @@ def main() -> None:
     p.add_argument(
         "--baseline",
         help="a checkout of the build before (extensions built in place): adds the "
-        "baseline target, for the A/B guards (CPU per turn and memory per session)",
+        "baseline target (and baseline_tito with --tokenizer), for the A/B guards (CPU per "
+        "turn and memory per session)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the kept-session memory study")
     p.add_argument("--json", type=Path, default=RESULTS / "realistic.json")
@@ -276,6 +280,8 @@ def main() -> None:
         a.targets.append("ours_tito")
     if a.baseline and "baseline" not in a.targets:
         a.targets.append("baseline")
+    if a.baseline and a.tokenizer and "baseline_tito" not in a.targets:
+        a.targets.append("baseline_tito")
     res: dict[str, Any] = {"args": {k: v for k, v in vars(a).items() if k != "json"}}
     with started_process("backend", backend_argv(a.completion_words)) as backend:
         argvs = server_argvs(backend.url, a)
@@ -337,12 +343,18 @@ def main() -> None:
                 }
             )
         if "ours_tito" in row and "ours" in row:
+            # Reported, not a target: it includes the tokenizer's encode of the appended
+            # text (TITO's own share is bench_tito.py's target).
             extra = row["ours_tito"]["cpu_ms_per_turn"] - row["ours"]["cpu_ms_per_turn"]
+            res.setdefault("tito_extra_cpu_ms_per_turn", {})[c] = extra
+            print(f"TITO's extra CPU per turn at {at}, the encode included: {extra:.3f} ms")
+        if "baseline_tito" in row and "ours_tito" in row:
+            ratio = row["ours_tito"]["cpu_ms_per_turn"] / row["baseline_tito"]["cpu_ms_per_turn"]
             targets.append(
                 {
-                    "target": f"TITO adds <= 0.3 ms CPU per turn at {at}",
-                    "value": extra,
-                    "met": extra <= 0.3,
+                    "target": f"CPU per TITO turn <= 1.03x the build before at {at}",
+                    "value": ratio,
+                    "met": ratio <= 1.03,
                 }
             )
     for c, row in res["throughput"].items():

@@ -109,3 +109,14 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
 @pytest.mark.parametrize("doc", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
 def test_every_doc_is_linked_from_the_readme(doc: str) -> None:
     assert f"](docs/{doc})" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_family_table_names_every_tito_model() -> None:
+    from rollout_sessions.tito import RULES
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| `TITO_MODEL` | rule at the junction | fixed template needed? |")
+    rows = readme[start:].split("\n\n", 1)[0].splitlines()[2:]
+    named = [n for row in rows for n in re.findall(r"`(\w+)`", row.split(" | ")[0])]
+    assert sorted(named) == sorted(RULES)
+    assert all(len(row.split(" | ")) == 3 and row.split(" | ")[2].strip(" |") for row in rows)

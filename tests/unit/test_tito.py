@@ -210,3 +210,78 @@ def test_truncation_or_padding_saved_with_a_tokenizer_never_cuts_or_pads_a_promp
     ids = tito.encode(text).tolist()
     assert 4 < len(ids) < 64
     assert ids == tito.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _appended_by_two_renders(tito: Tito, last, appended, tools) -> str:
+    """The appended text as defined: the render with them minus the render without."""
+    dummy: dict[str, Any] = {"role": "assistant", "content": ""}
+    if last.get("tool_calls"):
+        dummy["tool_calls"] = last["tool_calls"]
+    prefix = [{"role": "system", "content": "dummy system"}, dummy]
+    base = tito.render(prefix, tools, False, {})
+    full = tito.render(prefix + appended, tools, True, {})
+    assert full.startswith(base)
+    return full[len(base) :]
+
+
+@pytest.mark.parametrize(("family", "rule"), [("qwen3", "qwen3"), ("glm47", "glm47")])
+def test_turns_with_other_tools_or_tool_calls_get_their_own_prefix(tokenizers, family, rule):
+    # The prefix render is kept between turns; a turn whose tools or tool calls
+    # differ must never be cut by another turn's prefix.
+    tito = Tito.load(str(tokenizers[(family, "append_only")]), rule)
+    other_tools = [
+        {"type": "function", "function": {"name": "fetch", "parameters": {"type": "object"}}}
+    ]
+    turns = [
+        (reply(1, tool=True), TOOLS),
+        (reply(2, tool=True), TOOLS),
+        (reply(2, tool=True), other_tools),
+        (reply(3, tool=False), None),
+        (reply(1, tool=True), TOOLS),
+        (reply(2, tool=True), None),
+    ]
+    for last, tools in turns:
+        call_id = last["tool_calls"][0]["id"] if last.get("tool_calls") else None
+        appended = [{"role": "tool", "tool_call_id": call_id, "content": "r"}]
+        if call_id is None:
+            appended = [{"role": "user", "content": "next"}]
+        got = tito.appended_text(last, appended, tools, {})
+        assert got == _appended_by_two_renders(tito, last, appended, tools)
+
+
+def test_a_kept_prefix_that_no_longer_leads_the_render_is_rendered_again(tokenizers):
+    # As for a template that writes the date, once the day has changed.
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "qwen3")
+    last = reply(1, tool=True)
+    appended = [{"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    expected = _appended_by_two_renders(tito, last, appended, TOOLS)
+    assert tito.appended_text(last, appended, TOOLS, {}) == expected
+    (key,) = tito._prefixes
+    tito._prefixes[key] = "<|im_start|>system\nyesterday"
+    assert tito.appended_text(last, appended, TOOLS, {}) == expected
+    assert expected.startswith("<|im_start|>user") or expected.startswith("\n<|im_start|>user")
+    assert tito._prefixes[key] != "<|im_start|>system\nyesterday"
+
+
+def test_kept_prefix_renders_are_bounded(tokenizers):
+    # A client that sends other (large) tools on every turn.
+    from rollout_sessions.tito.prompts import PREFIX_CHARS_KEPT
+
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "qwen3")
+    last = {"role": "assistant", "content": "b"}
+    appended = [{"role": "user", "content": "c"}]
+    description = "x" * (PREFIX_CHARS_KEPT // 20)
+    for k in range(60):
+        tools = [{"type": "function", "function": {"name": f"f{k}", "description": description}}]
+        assert tito.appended_text(last, appended, tools, {}) == _appended_by_two_renders(
+            tito, last, appended, tools
+        )
+        kept = sum(len(key) + len(text) for key, text in tito._prefixes.items())
+        assert kept == tito._prefix_chars <= PREFIX_CHARS_KEPT
+    assert 5 <= len(tito._prefixes) < 20
+    assert any(b'"f59"' in key for key in tito._prefixes)  # the newest is kept
+    huge = [{"type": "function", "function": {"name": "h", "description": "y" * PREFIX_CHARS_KEPT}}]
+    assert tito.appended_text(last, appended, huge, {}) == _appended_by_two_renders(
+        tito, last, appended, huge
+    )
+    assert not any(b'"h"' in key for key in tito._prefixes)  # too large to keep

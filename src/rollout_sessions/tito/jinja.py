@@ -2,7 +2,7 @@
 
 ``tokenizer.apply_chat_template`` spends about as long around the template as in
 it: it rebuilds every message as plain data, and renders in a sandbox whose
-checks run on every attribute access. TITO renders twice per turn, so here the
+checks run on every attribute access. TITO renders on every turn, so here the
 operator's template (from the tokenizer or ``CHAT_TEMPLATE``: trusted
 configuration, not client input) is compiled once in a plain jinja
 environment with the same settings, filters and globals, and called with what
@@ -63,17 +63,19 @@ def _environment() -> Any:
         )
 
     dict_attributes = frozenset(dir(dict))
+    missing = object()
 
     class Environment(jinja2.Environment):
         def getattr(self, obj: Any, attribute: str) -> Any:
             # ``message.role``: jinja tries the attribute first and, failing (an
-            # exception), the key. A name that is no dict attribute can only be a
-            # key: look it up first, with the same result.
+            # exception), the key, then gives undefined. A name that is no dict
+            # attribute can only be a key: look it up, with the same result and
+            # no exceptions raised.
             if type(obj) is dict and attribute not in dict_attributes:
-                try:
-                    return obj[attribute]
-                except KeyError:
-                    pass
+                value = obj.get(attribute, missing)
+                if value is missing:
+                    return self.undefined(obj=obj, name=attribute)
+                return value
             return super().getattr(obj, attribute)
 
     env = Environment(

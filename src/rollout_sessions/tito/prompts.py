@@ -11,8 +11,8 @@ generated are never re-tokenized:
   only the appended messages. Those are rendered after a dummy prefix (a
   system message and an assistant message carrying the stored assistant's
   real ``tool_calls``, which some templates need to render tool results)
-  and the render without them is cut off as text; the generation prompt
-  comes once, at the end.
+  and the render without them (kept between turns, ``_prefix_key``) is cut
+  off as text; the generation prompt comes once, at the end.
 
 Boundary rules (``TITO_MODEL``, one per model family; docs/tito.md has the table),
 for where the checkpoint meets the appended ids:
@@ -31,8 +31,8 @@ for where the checkpoint meets the appended ids:
   template renders for the next message.
 
 ``auto`` picks the family from the tokenizer (``detect``) and logs why.
-DeepSeek-V3.2 and V4 ship no jinja template: ``tito_encoders`` renders them.
-A jinja template is compiled once and called directly (``tito_jinja``), checked
+DeepSeek-V3.2 and V4 ship no jinja template: ``tito.encoders`` renders them.
+A jinja template is compiled once and called directly (``tito.jinja``), checked
 against ``apply_chat_template`` at load.
 
 The tokenizer is loaded once with ``transformers.AutoTokenizer``;
@@ -51,6 +51,8 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from rollout_sessions.tito.encoders import ENCODERS
 from rollout_sessions.trajectory.store import TOKEN_TYPECODE
@@ -80,7 +82,7 @@ class Rule:
     # Tool-call arguments go to the template as objects (a JSON string parsed,
     # as SGLang does): these families' templates iterate them as mappings.
     object_arguments: bool = False
-    encoder: str | None = None  # the template is code (``tito_encoders``), not jinja
+    encoder: str | None = None  # the template is code (``tito.encoders``), not jinja
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -186,6 +188,22 @@ def _with_object_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return messages if out is None else out
 
 
+# Characters of dummy-prefix renders (and their keys) kept per Tito, oldest dropped
+# first: a client sending other tools on every turn costs at most this much.
+PREFIX_CHARS_KEPT = 4 << 20
+
+
+def _prefix_key(
+    dummy: dict[str, Any], tools: list[Any] | None, kwargs: dict[str, Any]
+) -> bytes | None:
+    """What the dummy prefix's render depends on, as bytes; None when it has no JSON
+    form (such a prefix is rendered every time)."""
+    try:
+        return orjson.dumps((dummy.get("tool_calls"), tools, kwargs))
+    except TypeError:  # orjson's error for what it cannot serialize
+        return None
+
+
 class Tito:
     """A loaded tokenizer, its template (jinja, or an encoder written as code) and boundary rule."""
 
@@ -211,6 +229,11 @@ class Tito:
         self._special = {token: self._single_id(token) for token in rule.tokens}
         self._boundary = self._bind_boundary()
         self._fast_render = None if self.encoder is not None else self._compile_fast()
+        # The dummy prefix's render, by what it depends on (``_prefix_key``): a
+        # rollout's turns share their tools and mostly their tool calls' shape, so
+        # most turns render the template once instead of twice.
+        self._prefixes: dict[bytes, str] = {}
+        self._prefix_chars = 0
 
     @classmethod
     def load(
@@ -297,7 +320,7 @@ class Tito:
         return lambda ids: self.rule.apply(ids, special)
 
     def _compile_fast(self) -> Any:
-        """The template compiled once, checked against ``apply_chat_template`` (``tito_jinja``)."""
+        """The template compiled once, checked against ``apply_chat_template`` (``tito.jinja``)."""
         from rollout_sessions.tito.check import REPORT_CONVERSATION, REPORT_TOOLS
         from rollout_sessions.tito.jinja import compile_fast
 
@@ -413,11 +436,32 @@ class Tito:
                 return self.encoder.render_appended(prefix, appended, tools, kwargs)
             except Exception as exc:
                 raise errors.template_failed(str(exc)) from None
-        base = self.render(prefix, tools, False, kwargs)
         full = self.render(prefix + appended, tools, True, kwargs)
-        if not full.startswith(base):
-            self._raise_not_append_only(prefix, appended, tools, kwargs, first_index)
+        key = _prefix_key(dummy, tools, kwargs)
+        base = self._prefixes.get(key) if key is not None else None
+        if base is None or not full.startswith(base):
+            # Rendered afresh when not kept, and when a kept one no longer leads (a
+            # template that writes the date renders another prefix the next day).
+            base = self.render(prefix, tools, False, kwargs)
+            if not full.startswith(base):
+                self._raise_not_append_only(prefix, appended, tools, kwargs, first_index)
+            if key is not None:
+                self._keep_prefix(key, base)
         return full[len(base) :]
+
+    def _keep_prefix(self, key: bytes, text: str) -> None:
+        size = len(key) + len(text)
+        if size > PREFIX_CHARS_KEPT:
+            return
+        prefixes = self._prefixes
+        old = prefixes.pop(key, None)
+        if old is not None:
+            self._prefix_chars -= len(key) + len(old)
+        while self._prefix_chars + size > PREFIX_CHARS_KEPT:
+            oldest = next(iter(prefixes))
+            self._prefix_chars -= len(oldest) + len(prefixes.pop(oldest))
+        prefixes[key] = text
+        self._prefix_chars += size
 
     def next_turn(
         self,
@@ -436,7 +480,9 @@ class Tito:
         text = self.appended_text(
             last_assistant, appended, tools, self._kwargs(request_kwargs), first_index
         )
-        out = array(TOKEN_TYPECODE, self._boundary(checkpoint))
+        out = self._boundary(checkpoint)
+        if out is checkpoint:  # the rule changed nothing: the stored ids are not extended
+            out = array(TOKEN_TYPECODE, checkpoint)
         out.extend(self.encode(text))
         return out
 
