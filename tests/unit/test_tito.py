@@ -249,6 +249,28 @@ def test_turns_with_other_tools_or_tool_calls_get_their_own_prefix(tokenizers, f
         assert got == _appended_by_two_renders(tito, last, appended, tools)
 
 
+# Writes tool-call ids and a kwarg right after an assistant's content: the prefix
+# rendered without them is itself a prefix of the whole render with them.
+MARKED = """{%- for m in messages -%}<{{ m.role }}>{{ m.content }}
+{%- for c in m.tool_calls or [] %}+{{ c.id }}{% endfor -%}
+{%- if m.role == 'assistant' and mark is defined %}{{ mark }}{% endif -%}
+{%- endfor -%}{%- if add_generation_prompt %}<assistant>{% endif -%}"""
+
+
+def test_the_kept_prefix_is_keyed_by_tool_calls_and_kwargs(tokenizers, tmp_path):
+    template = tmp_path / "marked.jinja"
+    template.write_text(MARKED)
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "default", str(template))
+    plain = {"role": "assistant", "content": "b"}
+    user = [{"role": "user", "content": "n"}]
+    assert tito.appended_text(plain, user, None, {}) == "<user>n<assistant>"
+    calls = reply(1, tool=True)
+    tool = [{"role": "tool", "tool_call_id": "c1", "content": "r"}]
+    assert tito.appended_text(calls, tool, None, {}) == "<tool>r<assistant>"
+    assert tito.appended_text(plain, user, None, {"mark": "|"}) == "<user>n<assistant>"
+    assert tito.appended_text(plain, user, None, {}) == "<user>n<assistant>"
+
+
 def test_a_kept_prefix_that_no_longer_leads_the_render_is_rendered_again(tokenizers):
     # As for a template that writes the date, once the day has changed.
     tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "qwen3")
