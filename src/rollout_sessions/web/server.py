@@ -43,11 +43,15 @@ RESERVED_FDS_MIN = 256
 GC_GEN0_THRESHOLD = 10_000
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def free_port(host: str = "127.0.0.1", exclude: int | None = None) -> int:
+    """A TCP port nobody listens on right now, other than ``exclude`` (a port that is
+    about to be bound, so the kernel may well offer it)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port != exclude:
+            return port
 
 
 def log_config(level: str) -> dict[str, Any]:
@@ -122,7 +126,9 @@ def serve(settings: Settings) -> int:
     logging.config.dictConfig(log_config(settings.log_level))
     echo_port = None
     if settings.upstream is None:
-        echo_port = free_port()
+        # uvicorn binds the server's port only after the app has started, and the echo
+        # backend binds during that start: its port must not be the server's own.
+        echo_port = free_port(exclude=settings.port)
         log.warning(
             "no upstream configured: using embedded echo backend at http://127.0.0.1:%d",
             echo_port,
