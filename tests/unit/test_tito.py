@@ -307,3 +307,40 @@ def test_kept_prefix_renders_are_bounded(tokenizers):
         tito, last, appended, huge
     )
     assert not any(b'"h"' in key for key in tito._prefixes)  # too large to keep
+
+
+def test_prefixes_kept_from_several_threads_stay_within_the_budget(tokenizers, monkeypatch):
+    # tito_check builds prompts in a worker thread while the event loop builds turns.
+    import sys
+    import threading
+
+    from rollout_sessions.tito import prompts
+
+    monkeypatch.setattr(prompts, "PREFIX_CHARS_KEPT", 3000)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    tito = Tito.load(str(tokenizers[("qwen3", "append_only")]), "qwen3")
+    last = {"role": "assistant", "content": "b"}
+    appended = [{"role": "user", "content": "c"}]
+    failures: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for k in range(150):
+                tools = [{"type": "function", "function": {"name": f"w{worker}k{k % 7}"}}]
+                text = tito.appended_text(last, appended, tools, {})
+                assert text == "<|im_start|>user\nc<|im_end|>\n<|im_start|>assistant\n"
+        except BaseException as exc:  # noqa: BLE001  # reported below
+            failures.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+    kept = sum(len(key) + len(text) for key, text in tito._prefixes.items())
+    assert kept == tito._prefix_chars <= 3000

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,6 +235,7 @@ class Tito:
         # most turns render the template once instead of twice.
         self._prefixes: dict[bytes, str] = {}
         self._prefix_chars = 0
+        self._prefixes_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -453,15 +455,17 @@ class Tito:
         size = len(key) + len(text)
         if size > PREFIX_CHARS_KEPT:
             return
-        prefixes = self._prefixes
-        old = prefixes.pop(key, None)
-        if old is not None:
-            self._prefix_chars -= len(key) + len(old)
-        while self._prefix_chars + size > PREFIX_CHARS_KEPT:
-            oldest = next(iter(prefixes))
-            self._prefix_chars -= len(oldest) + len(prefixes.pop(oldest))
-        prefixes[key] = text
-        self._prefix_chars += size
+        # ``tito_check`` builds prompts in a worker thread while the loop builds turns.
+        with self._prefixes_lock:
+            prefixes = self._prefixes
+            old = prefixes.pop(key, None)
+            if old is not None:
+                self._prefix_chars -= len(key) + len(old)
+            while self._prefix_chars + size > PREFIX_CHARS_KEPT:
+                oldest = next(iter(prefixes))
+                self._prefix_chars -= len(oldest) + len(prefixes.pop(oldest))
+            prefixes[key] = text
+            self._prefix_chars += size
 
     def next_turn(
         self,
