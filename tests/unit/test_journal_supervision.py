@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +133,39 @@ def test_mints_stop_until_their_reservation_is_durable(
     # A restart reads the reservation: every id handed out is below it.
     assert handed == list(range(8))
     assert int(on_disk(tmp_path, "mint_reserved") or b"0") == 16
+
+
+def test_a_failed_reservation_is_not_handed_to_a_minter_that_came_after_it(
+    jrn: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The write's failure is delivered, and a minter runs before the write's own
+    # callback does (later in the same loop pass): it must get a new write.
+    monkeypatch.setattr(journal_mod, "MINT_BLOCK", 8)
+    jrn.mint_reserved = 8
+    broken = True
+    real_set_meta = journal_mod.set_meta
+
+    def set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
+        if broken and name == "mint_reserved":
+            raise sqlite3.OperationalError("disk I/O error")
+        real_set_meta(conn, name, value)
+
+    monkeypatch.setattr(journal_mod, "set_meta", set_meta)
+
+    async def body() -> None:
+        nonlocal broken
+        first = jrn.reserve_mints(8)
+        assert first is not None
+        await asyncio.sleep(0)  # handed to the writer
+        time.sleep(1.0)  # the loop blocked: the writer fails it, its answer queued
+        broken = False
+        await asyncio.sleep(0)  # queued after the answer, before the write's callback
+        assert first.done()
+        second = jrn.reserve_mints(8)
+        assert second is not None and second is not first
+        await second
+        assert jrn.mint_reserved == 16
+        with pytest.raises(ApiError):
+            await first
+
+    run(jrn, body)

@@ -159,7 +159,7 @@ class Journal:
         self._deleted_capacity = 1
         self._deleted_rows = 0  # at least the rows of ``deleted`` (writer thread)
         self.mint_reserved = 0  # durable: on disk, committed
-        self._reserving: asyncio.Future | None = None
+        self._reserving: tuple[asyncio.Future, int] | None = None  # (write, its target)
         self.failure: str | None = None  # why nothing can be committed now (None: fine)
 
     # -- start-up (before the writer thread runs) ----------------------------------
@@ -379,18 +379,25 @@ class Journal:
         The next block is written ahead, once half of the current one is
         used, so minting waits only when that write has not committed in time.
         """
+        if self._reserving is not None and self._reserving[0].done():
+            # Settled, its callback not yet run (it runs later in this loop pass):
+            # a failed write must not be handed to a minter that came after it.
+            self._reserved(*self._reserving)
         if next_counter >= self.mint_reserved - MINT_BLOCK // 2 and self._reserving is None:
             target = self.mint_reserved + MINT_BLOCK
             value = str(target).encode()
             future = self._submit(lambda conn: set_meta(conn, "mint_reserved", value))
-            self._reserving = future
+            self._reserving = (future, target)
             future.add_done_callback(lambda done: self._reserved(done, target))
         if next_counter < self.mint_reserved:
             return None
-        return self._reserving
+        assert self._reserving is not None  # started above: the counter is past half the block
+        return self._reserving[0]
 
     def _reserved(self, done: asyncio.Future, target: int) -> None:
-        self._reserving = None
+        """A reservation write settled (called once or twice: idempotent)."""
+        if self._reserving is not None and self._reserving[0] is done:
+            self._reserving = None
         if not done.cancelled() and done.exception() is None:
             self.mint_reserved = max(self.mint_reserved, target)
 
