@@ -319,7 +319,11 @@ def test_sigterm_leaves_no_process_and_no_listener() -> None:
         state = cluster.state()
         pids = [state["balancer"]["pid"], *(i["pid"] for i in state["instances"])]
         assert cluster.request("POST", "/sessions").ok
-        assert cluster.stop(signal.SIGTERM, timeout=60) == 0
+        try:
+            status = cluster.stop(signal.SIGTERM, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the cluster did not stop within 60 s:\n{cluster.log()}")
+        assert status == 0, cluster.log()
         for pid in pids:
             assert not Path(f"/proc/{pid}").exists() or _zombie(pid), pid
         ports = [cluster.port, *(cluster.port + 1 + k for k in range(2))]

@@ -371,6 +371,8 @@ def _reap(process: subprocess.Popen[bytes], timeout: float) -> None:
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
+        command = " ".join(map(str, process.args[:4]))
+        log.warning("%d (%s) did not stop within %gs: killing it", process.pid, command, timeout)
         process.kill()
         process.wait()
 
