@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from rollout_sessions.echo.template import completion_tokens, prompt_tokens
+from rollout_sessions.testing.recording_backend import chat_answer as recorded_answer
 
 
 class FakeUpstream:
@@ -135,29 +135,7 @@ class FakeUpstream:
 
 def chat_answer(request: dict[str, Any]) -> dict[str, Any]:
     """An SGLang-style answer whose content names the request's last message."""
-    messages = request.get("messages") or []
-    last = messages[-1].get("content") if messages else ""
-    message = {"role": "assistant", "content": f"answer to {last}"}
-    prompt = request.get("input_ids") or prompt_tokens(messages)
-    completion = completion_tokens(message)
-    return {
-        "id": "fake",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "fake",
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "finish_reason": "stop",
-                "prompt_token_ids": prompt,
-                "meta_info": {
-                    "output_token_logprobs": [[-0.5, t, None] for t in completion],
-                    "completion_tokens": len(completion),
-                },
-            }
-        ],
-    }
+    return recorded_answer(request, answer_id="fake", model="fake")
 
 
 def _response(status: int, body: bytes, headers: list[tuple[str, str]] | None = None) -> bytes:

@@ -95,24 +95,34 @@ def test_an_unexpected_exception_fails_its_operation_and_the_writer_goes_on(
     run(jrn, body)
 
 
-def test_mints_stop_until_their_reservation_is_durable(
-    jrn: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class ReservationDisk:
+    """Mint reservations of 8 ids whose writes fail while ``broken``."""
+
+    broken = True
+
+
+@pytest.fixture
+def disk(jrn: Journal, monkeypatch: pytest.MonkeyPatch) -> ReservationDisk:
     monkeypatch.setattr(journal_mod, "MINT_BLOCK", 8)
     jrn.mint_reserved = 8  # as save_start leaves it with this block size
-    broken = True
+    state = ReservationDisk()
     real_set_meta = journal_mod.set_meta
 
     def set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
-        if broken and name == "mint_reserved":
+        if state.broken and name == "mint_reserved":
             raise sqlite3.OperationalError("disk I/O error")
         real_set_meta(conn, name, value)
 
     monkeypatch.setattr(journal_mod, "set_meta", set_meta)
+    return state
+
+
+def test_mints_stop_until_their_reservation_is_durable(
+    jrn: Journal, tmp_path: Path, disk: ReservationDisk
+) -> None:
     handed: list[int] = []
 
     async def body() -> None:
-        nonlocal broken
         counter = 0
         with pytest.raises(ApiError):
             while True:
@@ -124,7 +134,7 @@ def test_mints_stop_until_their_reservation_is_durable(
                 counter += 1
                 await asyncio.sleep(0)
         assert jrn.mint_reserved == 8  # never raised by a write that failed
-        broken = False
+        disk.broken = False
         while (pending := jrn.reserve_mints(counter)) is not None:
             await pending
         assert jrn.mint_reserved == 16
@@ -136,29 +146,16 @@ def test_mints_stop_until_their_reservation_is_durable(
 
 
 def test_a_failed_reservation_is_not_handed_to_a_minter_that_came_after_it(
-    jrn: Journal, monkeypatch: pytest.MonkeyPatch
+    jrn: Journal, disk: ReservationDisk
 ) -> None:
     # The write's failure is delivered, and a minter runs before the write's own
     # callback does (later in the same loop pass): it must get a new write.
-    monkeypatch.setattr(journal_mod, "MINT_BLOCK", 8)
-    jrn.mint_reserved = 8
-    broken = True
-    real_set_meta = journal_mod.set_meta
-
-    def set_meta(conn: sqlite3.Connection, name: str, value: bytes) -> None:
-        if broken and name == "mint_reserved":
-            raise sqlite3.OperationalError("disk I/O error")
-        real_set_meta(conn, name, value)
-
-    monkeypatch.setattr(journal_mod, "set_meta", set_meta)
-
     async def body() -> None:
-        nonlocal broken
         first = jrn.reserve_mints(8)
         assert first is not None
         await asyncio.sleep(0)  # handed to the writer
         time.sleep(1.0)  # the loop blocked: the writer fails it, its answer queued
-        broken = False
+        disk.broken = False
         await asyncio.sleep(0)  # queued after the answer, before the write's callback
         assert first.done()
         second = jrn.reserve_mints(8)

@@ -20,26 +20,14 @@ from rollout_sessions.testing.tokenizers import (
     main,
     stop_token,
 )
+from rollout_sessions.tito.check import REPORT_TOOLS
 
 MERGES = 400
 COMBOS = [(family, template) for family in FAMILIES for template in TEMPLATES]
 # The first two families; the others have tests of their own (test_tito_families.py).
 QWEN_GLM = ("qwen3", "glm47")
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather for a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = REPORT_TOOLS
 
 # system, user, assistant (reasoning + tool call), tool, assistant (reasoning + answer), user
 CONVERSATION: list[dict[str, Any]] = [

@@ -148,7 +148,9 @@ def _answer(seen: Seen) -> bytes:
     return head.encode() + b"\r\n\r\n" + body
 
 
-def chat_answer(request: dict[str, Any]) -> dict[str, Any]:
+def chat_answer(
+    request: dict[str, Any], answer_id: str = "recorded", model: str = "recording"
+) -> dict[str, Any]:
     """An SGLang-style answer on the echo template, naming the last message."""
     messages = request.get("messages") or []
     last = messages[-1].get("content") if messages else ""
@@ -156,10 +158,10 @@ def chat_answer(request: dict[str, Any]) -> dict[str, Any]:
     prompt = request.get("input_ids") or prompt_tokens(messages)
     completion = completion_tokens(message)
     return {
-        "id": "recorded",
+        "id": answer_id,
         "object": "chat.completion",
         "created": 0,
-        "model": "recording",
+        "model": model,
         "choices": [
             {
                 "index": 0,

@@ -207,6 +207,7 @@ def _with_tools(messages: list[dict[str, Any]], tools: list[Any] | None) -> list
 
 class _Encoder:
     name = ""
+    tools_template = ""  # how a message's ``tools`` are declared: dsml, think, end_think, schemas
 
     def pieces(
         self, messages: list[dict[str, Any]], kwargs: dict[str, Any]
@@ -214,6 +215,19 @@ class _Encoder:
         """Per rendered message: (first source message index, its text, the text
         written after it only when it ends the render: the generation prompt)."""
         raise NotImplementedError
+
+    def _extras(self, message: dict[str, Any]) -> str:
+        """A system or developer message's tool declarations and response format."""
+        text = ""
+        tools = message.get("tools")
+        if tools:
+            schemas = "\n".join(_json(t.get("function", t)) for t in tools)
+            text += "\n\n" + self.tools_template.format(
+                dsml=DSML, think=THINK, end_think=END_THINK, schemas=schemas
+            )
+        if message.get("response_format"):
+            text += "\n\n" + _RESPONSE_FORMAT.format(schema=_json(message["response_format"]))
+        return text
 
     def _join(self, pieces: list[tuple[int, str, str]], generation_prompt: bool) -> str:
         parts = [body for _, body, _ in pieces]
@@ -250,6 +264,7 @@ class _Encoder:
 
 class DeepSeekV32(_Encoder):
     name = "deepseekv32"
+    tools_template = _V32_TOOLS
 
     def pieces(
         self, messages: list[dict[str, Any]], kwargs: dict[str, Any]
@@ -306,22 +321,10 @@ class DeepSeekV32(_Encoder):
             out.append((i, body, after))
         return out
 
-    @staticmethod
-    def _extras(message: dict[str, Any]) -> str:
-        text = ""
-        tools = message.get("tools")
-        if tools:
-            schemas = "\n".join(_json(t.get("function", t)) for t in tools)
-            text += "\n\n" + _V32_TOOLS.format(
-                dsml=DSML, think=THINK, end_think=END_THINK, schemas=schemas
-            )
-        if message.get("response_format"):
-            text += "\n\n" + _RESPONSE_FORMAT.format(schema=_json(message["response_format"]))
-        return text
-
 
 class DeepSeekV4(_Encoder):
     name = "deepseekv4"
+    tools_template = _V4_TOOLS
 
     def pieces(
         self, messages: list[dict[str, Any]], kwargs: dict[str, Any]
@@ -376,19 +379,6 @@ class DeepSeekV4(_Encoder):
                     after = ""
             out.append((message["source"], body, after))
         return out
-
-    @staticmethod
-    def _extras(message: dict[str, Any]) -> str:
-        text = ""
-        tools = message.get("tools")
-        if tools:
-            schemas = "\n".join(_json(t.get("function", t)) for t in tools)
-            text += "\n\n" + _V4_TOOLS.format(
-                dsml=DSML, think=THINK, end_think=END_THINK, schemas=schemas
-            )
-        if message.get("response_format"):
-            text += "\n\n" + _RESPONSE_FORMAT.format(schema=_json(message["response_format"]))
-        return text
 
 
 def _merge_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
